@@ -1,0 +1,273 @@
+"""The `seq2seq` command: train, translate, generate, evaluate."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+from seq2seq.config import Config, apply_overrides, default_data_dir, load_preset, preset_names
+from seq2seq.errors import UserError
+
+log = logging.getLogger("seq2seq")
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def nonnegative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="seq2seq", description="Recurrent sequence models: translation and character LMs.")
+    sub = top.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a translator or a character language model")
+    p.add_argument("kind", choices=["translator", "charlm"])
+    p.add_argument("--preset", help=f"a shipped preset ({', '.join(preset_names())}) or a TOML file")
+    p.add_argument("--data-dir", type=Path, help="where preset data paths start (default $SEQ2SEQ_DATA, else ../shared/data)")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config value")
+    p.add_argument("--time-budget", type=float, metavar="MINUTES", help="stop cleanly after this much wall clock")
+    p.add_argument("--output", type=Path, help="model folder (default checkpoints/PRESET)")
+    p.add_argument("--resume", action="store_true", help="continue the run saved in --output")
+
+    p = sub.add_parser("translate", help="translate sentences (arguments, -i FILE, or standard input)")
+    p.add_argument("-m", "--model", required=True, type=Path)
+    p.add_argument("text", nargs="*", help="sentences to translate")
+    p.add_argument("-i", "--input", type=Path, help="one sentence per line")
+    p.add_argument("-o", "--output", type=Path, help="write here instead of standard output")
+    add_decoding_args(p)
+    p.add_argument("--nbest", type=positive_int, default=1, help="hypotheses per input (one line each)")
+    p.add_argument("--scores", action="store_true", help="TSV lines: input number, score, translation")
+
+    p = sub.add_parser("generate", help="generate text from a prompt with a character model")
+    p.add_argument("-m", "--model", required=True, type=Path)
+    p.add_argument("--prompt", default="")
+    p.add_argument("--max-chars", type=positive_int, default=400)
+    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+    p.add_argument("--top-k", type=nonnegative_int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--num-samples", type=positive_int, default=1)
+    p.add_argument("--beam", type=nonnegative_int, default=0, help="beam search (length-normalised) instead of sampling")
+    p.add_argument("--length-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int)
+
+    p = sub.add_parser("evaluate", help="BLEU/chrF of a translator; bits/char or continuation BLEU of a character model")
+    p.add_argument("-m", "--model", required=True, type=Path)
+    p.add_argument("--src", type=Path, help="translator: source sentences")
+    p.add_argument("--ref", type=Path, help="translator: reference translations")
+    p.add_argument("--hyp-output", type=Path, help="translator: also write the translations here")
+    add_decoding_args(p)
+    p.add_argument("--text", type=Path, help="character model: held-out text")
+    p.add_argument("--continuations", type=nonnegative_int, default=0, help="score N generated continuations")
+    p.add_argument("--prompt-chars", type=positive_int, default=100)
+    p.add_argument("--max-chars", type=positive_int, default=100)
+    p.add_argument("--temperature", type=float, default=0.0, help="continuations: 0 = greedy")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    return top
+
+
+def add_decoding_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--beam", type=positive_int, default=5, help="beam size (1 = greedy)")
+    p.add_argument("--batch-size", type=positive_int, default=64, help="sentences decoded together")
+    p.add_argument("--max-len-ratio", type=float, default=2.0, help="output at most R x source length + 10 tokens")
+    p.add_argument("--length-penalty", type=float, default=1.0, help="scores divided by length ** this")
+
+
+def cmd_train(args) -> None:
+    from seq2seq.train import train
+
+    if args.resume:
+        if not args.output:
+            raise UserError("--resume needs --output, the folder of the run to continue")
+        cfg = Config.load(args.output / "config.json")
+        cfg = Config.from_dict(apply_overrides(cfg.to_dict(), args.set), "--set")
+    else:
+        if not args.preset:
+            raise UserError(f"--preset is required; shipped presets: {', '.join(preset_names())}")
+        cfg = load_preset(args.preset, args.kind, args.set)
+    if cfg.kind != args.kind:
+        raise UserError(f"{args.output} holds a {cfg.kind} model, not a {args.kind}")
+    output = args.output or Path("checkpoints") / cfg.preset
+    data_dir = args.data_dir or default_data_dir()
+    best = train(cfg, data_dir, output, time_budget=args.time_budget, resume=args.resume)
+    print(json.dumps({"output": str(output), "best": best}))
+
+
+def read_inputs(args) -> list[str]:
+    from seq2seq.data import read_lines
+
+    if args.text and args.input:
+        raise UserError("give sentences as arguments or with -i, not both")
+    if args.text:
+        return list(args.text)
+    if args.input:
+        return read_lines(args.input)
+    data = sys.stdin.buffer.read()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise UserError(f"<stdin>:{line}: invalid UTF-8") from None
+    return [line.removesuffix("\r") for line in text.split("\n")[: -1 if text.endswith("\n") else None]]
+
+
+def write_output(lines: list[str], path: Path | None) -> None:
+    text = "".join(line + "\n" for line in lines)
+    if path is None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+        return
+    from seq2seq.config import write_text_atomic
+    write_text_atomic(path, text)
+
+
+def load_kind(folder: Path, kind: str):
+    from seq2seq import checkpoint
+
+    cfg, model, tokenizer = checkpoint.load(folder)
+    if kind and cfg.kind != kind:
+        raise UserError(f"{folder} holds a {cfg.kind} model; this command needs a {kind}")
+    return cfg, model, tokenizer
+
+
+def cmd_translate(args) -> None:
+    from seq2seq.inference import translate
+
+    if args.nbest > args.beam:
+        raise UserError(f"--nbest {args.nbest} needs --beam of at least {args.nbest}")
+    _, model, tokenizer = load_kind(args.model, "translator")
+    lines = read_inputs(args)
+    results = translate(model, tokenizer, lines, beam=args.beam, nbest=args.nbest, batch_size=args.batch_size,
+                        max_len_ratio=args.max_len_ratio, length_penalty=args.length_penalty,
+                        progress=len(lines) > 1000)
+    out = []
+    for number, hyps in enumerate(results):
+        for text, score in hyps:
+            out.append(f"{number}\t{score:.4f}\t{text}" if args.scores else text)
+    write_output(out, args.output)
+
+
+def cmd_generate(args) -> None:
+    from seq2seq.inference import generate
+
+    if not 0 < args.top_p <= 1:
+        raise UserError(f"--top-p must be in (0, 1], got {args.top_p}")
+    _, model, vocab = load_kind(args.model, "charlm")
+    if args.seed is not None:
+        import torch
+        torch.manual_seed(args.seed)
+    stream = args.num_samples == 1 and args.beam == 0
+    if stream:
+        sys.stdout.write(args.prompt)
+        sys.stdout.flush()
+
+    def on_text(piece: str) -> None:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+
+    texts = generate(model, vocab, [args.prompt] * args.num_samples, args.max_chars,
+                     temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, beam=args.beam,
+                     length_penalty=args.length_penalty, seed=args.seed, on_text=on_text if stream else None)
+    if stream:
+        sys.stdout.write("\n")
+        return
+    write_output([("\n---\n" if i else "") + args.prompt + text for i, text in enumerate(texts)], None)
+
+
+def cmd_evaluate(args) -> None:
+    from seq2seq import checkpoint
+
+    cfg, model, tokenizer = checkpoint.load(args.model)
+    started = time.perf_counter()
+    if cfg.kind == "translator":
+        result = evaluate_translator(args, model, tokenizer)
+    else:
+        result = evaluate_charlm(args, model, tokenizer)
+    result["seconds"] = round(time.perf_counter() - started, 2)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        for key, value in result.items():
+            print(f"{key}: {value}")
+
+
+def evaluate_translator(args, model, tokenizer) -> dict:
+    from seq2seq.data import read_parallel_files
+    from seq2seq.inference import translate
+    from seq2seq.metrics import bleu_chrf
+
+    if not args.src or not args.ref:
+        raise UserError("evaluating a translator needs --src and --ref")
+    pairs = read_parallel_files(args.src, args.ref)
+    started = time.perf_counter()
+    hyps = translate(model, tokenizer, [s for s, _ in pairs], beam=args.beam, batch_size=args.batch_size,
+                     max_len_ratio=args.max_len_ratio, length_penalty=args.length_penalty, progress=True)
+    seconds = time.perf_counter() - started
+    texts = [h[0][0] for h in hyps]
+    if args.hyp_output:
+        write_output(texts, args.hyp_output)
+    result = bleu_chrf(texts, [r for _, r in pairs])
+    result.update(beam=args.beam, sentences_per_s=round(len(texts) / max(seconds, 1e-9), 1))
+    return result
+
+
+def evaluate_charlm(args, model, vocab) -> dict:
+    import torch
+
+    from seq2seq.data import read_text
+    from seq2seq.inference import continuation_passages, generate, score_text
+    from seq2seq.metrics import bleu_chrf
+
+    if not args.text:
+        raise UserError("evaluating a character model needs --text")
+    text = read_text(args.text)
+    if not args.continuations:
+        ids = torch.tensor(vocab.encode(text, warn=True), dtype=torch.long)
+        return {k: round(v, 4) if isinstance(v, float) else v for k, v in score_text(model, ids).items()}
+    try:
+        passages = continuation_passages(text, args.continuations, args.prompt_chars, args.max_chars)
+    except ValueError as e:
+        raise UserError(f"{args.text}: {e}") from None
+    hyps = generate(model, vocab, [prompt for prompt, _ in passages], args.max_chars, temperature=args.temperature,
+                    beam=args.beam if args.beam > 1 else 0, seed=args.seed)
+    flat = lambda s: " ".join(s.split())  # noqa: E731  sacreBLEU scores lines: fold line breaks
+    result = bleu_chrf([flat(h) for h in hyps], [flat(ref) for _, ref in passages])
+    result.update(continuations=len(passages), prompt_chars=args.prompt_chars, max_chars=args.max_chars)
+    return result
+
+
+COMMANDS = {"train": cmd_train, "translate": cmd_translate, "generate": cmd_generate, "evaluate": cmd_evaluate}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=os.environ.get("SEQ2SEQ_LOG", "INFO"), format="%(asctime)s %(message)s",
+                        datefmt="%H:%M:%S", stream=sys.stderr)
+    try:
+        COMMANDS[args.command](args)
+    except UserError as e:
+        print(f"seq2seq: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("seq2seq: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,228 @@
+"""Configuration: dataclasses filled from a TOML preset, then from `--set key=value` overrides.
+
+One `Config` flows through data loading, model construction, training and the checkpoint's
+config.json, so a trained model carries everything needed to rebuild it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tomllib
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from seq2seq.errors import UserError
+
+FORMAT_VERSION = 1
+KINDS = ("translator", "charlm")
+
+
+@dataclass
+class TranslatorData:
+    # "parallel": <prefix>.<src_lang> + <prefix>.<tgt_lang>; "tsv": src<TAB>tgt per line;
+    # "hf": a Hugging Face dataset (hub name or a local loader such as "json").
+    format: str = "parallel"
+    train: str = ""
+    dev: str = ""
+    test: str = ""
+    src_lang: str = "en"
+    tgt_lang: str = "fr"
+    hf_path: str = ""
+    hf_name: str = ""
+    hf_data_files: str = ""  # for local files through `datasets` (json/csv/parquet loaders)
+    hf_src_field: str = "translation.en"
+    hf_tgt_field: str = "translation.fr"
+    max_tokens: int = 100  # pairs longer than this (in subwords, either side) are dropped
+    dev_max_sentences: int = 0  # 0 = the whole dev set for dev BLEU
+    vocab_size: int = 8000
+    spm_model_type: str = "unigram"
+    sample_alpha: float = 0.0  # > 0: subword regularization (SentencePiece sampling) in training
+
+
+@dataclass
+class TranslatorModel:
+    cell: str = "lstm"  # lstm | gru | rnn
+    emb_dim: int = 256
+    enc_hidden: int = 256  # per direction
+    enc_layers: int = 2
+    dec_hidden: int = 512
+    dec_layers: int = 1
+    attention: str = "general"  # dot | general | additive
+    dropout: float = 0.3
+    input_feeding: bool = False
+    tie_embeddings: bool = True
+
+
+@dataclass
+class CharLMData:
+    text: str = ""
+    valid_fraction: float = 0.1  # the last fraction of the text is the validation split
+
+
+@dataclass
+class CharLMModel:
+    cell: str = "lstm"
+    emb_dim: int = 512
+    hidden: int = 512
+    layers: int = 2
+    dropout: float = 0.2
+    tie_embeddings: bool = True
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 1
+    lr: float = 2e-3
+    lr_schedule: str = "cosine"  # cosine (over max_epochs) | plateau (halve on no dev gain) | constant
+    warmup_steps: int = 200
+    min_lr_ratio: float = 0.05
+    weight_decay: float = 0.0
+    clip_norm: float = 1.0
+    label_smoothing: float = 0.1
+    max_epochs: int = 20
+    max_steps: int = 0  # 0 = no limit
+    eval_every: int = 0  # steps between evaluations; 0 = once per epoch
+    patience: int = 5  # evaluations without improvement before stopping
+    log_every: int = 50
+    bf16: bool = True  # bf16 autocast for matmuls (fp32 master weights)
+    threads: int = 0  # 0 = all cores
+    # translator
+    batch_tokens: int = 3000  # target+source token budget per batch (padded)
+    teacher_forcing: float = 1.0  # < 1: scheduled sampling (needs the step loop)
+    dev_beam: int = 1
+    # charlm
+    batch_size: int = 64  # parallel streams
+    bptt: int = 128  # window length
+
+
+@dataclass
+class Config:
+    kind: str
+    data: Any
+    model: Any
+    train: TrainConfig = field(default_factory=TrainConfig)
+    preset: str = ""
+
+    def to_dict(self) -> dict:
+        return {"format_version": FORMAT_VERSION, "kind": self.kind, "preset": self.preset,
+                "data": dataclasses.asdict(self.data), "model": dataclasses.asdict(self.model),
+                "train": dataclasses.asdict(self.train)}
+
+    @classmethod
+    def from_dict(cls, raw: dict, source: str = "config") -> "Config":
+        kind = raw.get("kind")
+        if kind not in KINDS:
+            raise UserError(f"{source}: kind must be one of {', '.join(KINDS)}, got {kind!r}")
+        data_cls, model_cls = _SECTIONS[kind]
+        return cls(kind=kind, preset=raw.get("preset", ""),
+                   data=_build(data_cls, raw.get("data", {}), f"{source} [data]"),
+                   model=_build(model_cls, raw.get("model", {}), f"{source} [model]"),
+                   train=_build(TrainConfig, raw.get("train", {}), f"{source} [train]"))
+
+    def save(self, path: Path) -> None:
+        write_text_atomic(path, json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: Path) -> "Config":
+        try:
+            raw = json.loads(Path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise UserError(f"{path}: not found (is this a model folder?)") from None
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
+        version = raw.get("format_version")
+        if version != FORMAT_VERSION:
+            raise UserError(f"{path}: format_version {version} is not supported (expected {FORMAT_VERSION})")
+        return cls.from_dict(raw, str(path))
+
+
+_SECTIONS = {"translator": (TranslatorData, TranslatorModel), "charlm": (CharLMData, CharLMModel)}
+
+
+def _build(cls, values: dict, where: str):
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise UserError(f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(known)}")
+    obj = cls()
+    for key, value in values.items():
+        setattr(obj, key, _coerce(value, type(getattr(obj, key)), f"{where} {key}"))
+    return obj
+
+
+def _coerce(value, kind: type, where: str):
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise UserError(f"{where}: expected true or false, got {value!r}")
+    try:
+        if kind is float and isinstance(value, (int, float, str)):
+            return float(value)
+        if kind is int and not isinstance(value, float):
+            return int(value)
+        if kind is str:
+            return str(value)
+    except ValueError:
+        pass
+    raise UserError(f"{where}: expected {kind.__name__}, got {value!r}")
+
+
+def preset_names() -> list[str]:
+    return sorted(p.name[:-5] for p in resources.files("seq2seq.presets").iterdir() if p.name.endswith(".toml"))
+
+
+def load_preset(name: str, kind: str, overrides: list[str] = ()) -> Config:
+    """The preset `name` (shipped in seq2seq/presets, or a path to a TOML file) plus overrides."""
+    if name.endswith(".toml"):
+        path = Path(name)
+        if not path.is_file():
+            raise UserError(f"{name}: preset file not found")
+        text, source = path.read_text(encoding="utf-8"), name
+    else:
+        if name not in preset_names():
+            raise UserError(f"unknown preset {name!r}; shipped presets: {', '.join(preset_names())}")
+        text = resources.files("seq2seq.presets").joinpath(name + ".toml").read_text(encoding="utf-8")
+        source = f"preset {name}"
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"{source}: invalid TOML: {e}") from None
+    if raw.get("kind") != kind:
+        raise UserError(f"{source} is a {raw.get('kind')} preset, not a {kind} one")
+    raw["preset"] = Path(name).stem
+    return Config.from_dict(apply_overrides(raw, overrides), source)
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Apply `--set SECTION.KEY=VALUE` items (VALUE in TOML syntax, or a bare word) to a raw config."""
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        section, dot, leaf = key.strip().partition(".")
+        if not sep or not dot or section not in ("data", "model", "train"):
+            raise UserError(f"--set {item!r}: expected SECTION.KEY=VALUE with SECTION one of data, model, train")
+        raw.setdefault(section, {})[leaf] = _parse_value(value.strip())
+    return raw
+
+
+def _parse_value(text: str):
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text  # a bare word: keep it as a string
+
+
+def default_data_dir() -> Path:
+    return Path(os.environ.get("SEQ2SEQ_DATA", "../shared/data"))
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write via a temporary file and rename, so a crash never leaves half a file."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)

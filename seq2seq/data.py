@@ -1,0 +1,156 @@
+"""Corpora: readers with validation, length-bucketed token-budget batches, character streams."""
+from __future__ import annotations
+
+import logging
+import random
+from pathlib import Path
+
+import torch
+
+from seq2seq.config import TranslatorData
+from seq2seq.errors import UserError
+
+log = logging.getLogger("seq2seq")
+
+
+def read_lines(path: str | Path) -> list[str]:
+    """All lines of a UTF-8 file, without line ends; invalid UTF-8 is an error naming the line."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise UserError(f"{path}: file not found") from None
+    except IsADirectoryError:
+        raise UserError(f"{path}: is a directory, expected a text file") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        column = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1
+        raise UserError(f"{path}:{line}: invalid UTF-8 (byte 0x{raw[e.start]:02x} at column {column})") from None
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    return [line.removesuffix("\r") for line in lines]
+
+
+def read_text(path: str | Path) -> str:
+    return "\n".join(read_lines(path)) + "\n"
+
+
+def read_parallel(prefix: str | Path, src_lang: str, tgt_lang: str) -> list[tuple[str, str]]:
+    src_path, tgt_path = Path(f"{prefix}.{src_lang}"), Path(f"{prefix}.{tgt_lang}")
+    return read_parallel_files(src_path, tgt_path)
+
+
+def read_parallel_files(src_path: Path, tgt_path: Path) -> list[tuple[str, str]]:
+    src, tgt = read_lines(src_path), read_lines(tgt_path)
+    if len(src) != len(tgt):
+        raise UserError(f"line counts differ: {src_path} has {len(src)} lines, {tgt_path} has {len(tgt)}")
+    return list(zip(src, tgt))
+
+
+def read_tsv(path: str | Path) -> list[tuple[str, str]]:
+    pairs = []
+    for number, line in enumerate(read_lines(path), 1):
+        fields = line.split("\t")
+        if len(fields) < 2:
+            raise UserError(f"{path}:{number}: expected source<TAB>target, found no tab")
+        pairs.append((fields[0], fields[1]))
+    return pairs
+
+
+def read_hf(cfg: TranslatorData, split: str) -> list[tuple[str, str]]:
+    """A split of a Hugging Face dataset: a hub name (needs internet) or a local loader + files."""
+    import datasets
+
+    kwargs = {"split": split}
+    if cfg.hf_name:
+        kwargs["name"] = cfg.hf_name
+    if cfg.hf_data_files:
+        kwargs["data_files"] = {split: cfg.hf_data_files.format(split=split)}
+    try:
+        table = datasets.load_dataset(cfg.hf_path, **kwargs)
+    except Exception as e:  # datasets raises many types; all mean "could not load this"
+        raise UserError(f"dataset {cfg.hf_path!r} split {split!r}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+    return [(_field(row, cfg.hf_src_field, cfg.hf_path, i), _field(row, cfg.hf_tgt_field, cfg.hf_path, i))
+            for i, row in enumerate(table)]
+
+
+def _field(row: dict, dotted: str, source: str, index: int) -> str:
+    value = row
+    for part in dotted.split("."):
+        if not isinstance(value, dict) or part not in value:
+            raise UserError(f"dataset {source!r} row {index}: no field {dotted!r} (fields: {', '.join(row)})")
+        value = value[part]
+    return str(value)
+
+
+def resolve(data_dir: Path, name: str) -> Path:
+    path = Path(name)
+    return path if path.is_absolute() else Path(data_dir) / path
+
+
+def load_pairs(cfg: TranslatorData, data_dir: Path, split: str) -> list[tuple[str, str]]:
+    """The pairs of split 'train', 'dev' or 'test' as the data config describes them."""
+    name = getattr(cfg, split)
+    if not name:
+        raise UserError(f"data.{split} is not set in the config")
+    if cfg.format == "hf":
+        return read_hf(cfg, name)
+    if cfg.format == "tsv":
+        return read_tsv(resolve(data_dir, name))
+    if cfg.format == "parallel":
+        return read_parallel(resolve(data_dir, name), cfg.src_lang, cfg.tgt_lang)
+    raise UserError(f"data.format must be parallel, tsv or hf, got {cfg.format!r}")
+
+
+def drop_empty(pairs: list[tuple[str, str]], what: str) -> list[tuple[str, str]]:
+    kept = [(s.strip(), t.strip()) for s, t in pairs if s.strip() and t.strip()]
+    if len(kept) < len(pairs):
+        log.info("%s: dropped %d empty pair(s) of %d", what, len(pairs) - len(kept), len(pairs))
+    return kept
+
+
+def drop_overlong(src_ids: list, tgt_ids: list, max_tokens: int, what: str):
+    keep = [i for i in range(len(src_ids)) if len(src_ids[i]) <= max_tokens and len(tgt_ids[i]) <= max_tokens]
+    if len(keep) < len(src_ids):
+        log.info("%s: dropped %d pair(s) longer than %d tokens", what, len(src_ids) - len(keep), max_tokens)
+    return [src_ids[i] for i in keep], [tgt_ids[i] for i in keep]
+
+
+def token_batches(src_lens: list[int], tgt_lens: list[int], batch_tokens: int, seed: int) -> list[list[int]]:
+    """Length-bucketed batches whose padded size (max source + max target length, times rows)
+    stays within `batch_tokens`. Order is shuffled within equal lengths and across batches, from `seed`."""
+    rng = random.Random(seed)
+    order = sorted(range(len(src_lens)), key=lambda i: (tgt_lens[i], src_lens[i], rng.random()))
+    batches, current, max_src, max_tgt = [], [], 0, 0
+    for i in order:
+        new_src, new_tgt = max(max_src, src_lens[i]), max(max_tgt, tgt_lens[i])
+        if current and (new_src + new_tgt) * (len(current) + 1) > batch_tokens:
+            batches.append(current)
+            current, new_src, new_tgt = [], src_lens[i], tgt_lens[i]
+        current.append(i)
+        max_src, max_tgt = new_src, new_tgt
+    if current:
+        batches.append(current)
+    rng.shuffle(batches)
+    return batches
+
+
+def pad(seqs: list[list[int]], pad_id: int, bos: int | None = None, eos: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(batch, max_len) ids and the lengths, with optional BOS/EOS around each sequence."""
+    seqs = [([bos] if bos is not None else []) + list(s) + ([eos] if eos is not None else []) for s in seqs]
+    lengths = torch.tensor([len(s) for s in seqs], dtype=torch.long)
+    out = torch.full((len(seqs), int(lengths.max()) if seqs else 0), pad_id, dtype=torch.long)
+    for row, s in enumerate(seqs):
+        out[row, : len(s)] = torch.tensor(s, dtype=torch.long)
+    return out, lengths
+
+
+def char_streams(ids: torch.Tensor, streams: int) -> torch.Tensor:
+    """Cut one long id sequence into `streams` contiguous rows (the tail that does not fit is dropped)."""
+    length = ids.numel() // streams
+    if length < 2:
+        raise UserError(f"text of {ids.numel()} characters is too short for {streams} streams")
+    return ids[: length * streams].view(streams, length)

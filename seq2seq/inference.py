@@ -1,0 +1,129 @@
+"""Using trained models: translate sentences, generate and score text."""
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+
+import torch
+from tqdm import tqdm
+
+from seq2seq import search
+from seq2seq.data import pad
+from seq2seq.metrics import char_scores
+from seq2seq.models.charlm import CharLM
+from seq2seq.models.translator import Translator
+from seq2seq.models.rnn import detach
+from seq2seq.tokenizer import BOS, EOS, PAD, CharVocab, SubwordTokenizer
+
+
+def autocast(enabled: bool):
+    return torch.autocast("cpu", dtype=torch.bfloat16) if enabled else nullcontext()
+
+
+def max_output_lengths(src_lengths: torch.Tensor, ratio: float) -> torch.Tensor:
+    return (src_lengths.float() * ratio).long() + 10
+
+
+@torch.no_grad()
+def translate(model: Translator, tokenizer: SubwordTokenizer, lines: list[str], beam: int = 5, nbest: int = 1,
+              batch_size: int = 64, max_len_ratio: float = 2.0, length_penalty: float = 1.0,
+              progress: bool = False, bf16: bool = False) -> list[list[tuple[str, float]]]:
+    """`nbest` (text, score) pairs per input line, in input order; an empty line gives empty output."""
+    if beam < 1 or nbest < 1 or nbest > beam:
+        raise ValueError(f"need 1 <= nbest ({nbest}) <= beam ({beam})")
+    model.eval()
+    ids = tokenizer.encode([line.strip() for line in lines])
+    results: list[list[tuple[str, float]]] = [[("", 0.0)] * nbest for _ in lines]
+    order = sorted((i for i in range(len(lines)) if ids[i]), key=lambda i: -len(ids[i]))
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    for batch in tqdm(batches, desc="translating", unit="batch", disable=not progress, leave=False):
+        src, src_len = pad([ids[i] for i in batch], PAD, eos=EOS)
+        with autocast(bf16):
+            state = model.start(src, src_len)
+            first = torch.full((len(batch),), BOS, dtype=torch.long)
+            max_lens = max_output_lengths(src_len - 1, max_len_ratio)
+            if beam == 1:
+                hyps = [[h] for h in search.greedy(model, state, first, max_lens, eos=EOS)]
+            else:
+                hyps = search.beam_search(model, state, first, max_lens, beam, eos=EOS,
+                                          length_penalty=length_penalty, nbest=nbest)
+        for i, sentence_hyps in zip(batch, hyps):
+            texts = tokenizer.decode([h.tokens for h in sentence_hyps])
+            results[i] = list(zip(texts, [h.score for h in sentence_hyps]))
+    return results
+
+
+@torch.no_grad()
+def generate(model: CharLM, vocab: CharVocab, prompts: list[str], max_chars: int, temperature: float = 1.0,
+             top_k: int = 0, top_p: float = 1.0, beam: int = 0, length_penalty: float = 1.0,
+             seed: int | None = None, on_text=None) -> list[str]:
+    """A continuation of each prompt (prompts of one length, decoded as one batch).
+
+    beam > 0 gives the length-normalised beam-search best; otherwise sampling (temperature 0:
+    greedy). `on_text(piece)` receives the characters of a single prompt as they come.
+    """
+    model.eval()
+    prompts = [p or "\n" for p in prompts]  # an empty prompt starts as after a line break
+    if len({len(p) for p in prompts}) > 1:
+        raise ValueError("prompts decoded together must have the same length")
+    ids = torch.tensor([vocab.encode(p, warn=True) for p in prompts], dtype=torch.long)
+    state, first = model.start(ids), ids[:, -1]
+    if beam > 0:
+        best = search.beam_search(model, state, first, max_chars, beam, length_penalty=length_penalty)
+        return [vocab.decode(hyps[0].tokens) for hyps in best]
+    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    on_step = None
+    if on_text is not None and len(prompts) == 1:
+        on_step = lambda rows, tokens: on_text(vocab.decode(tokens.tolist()))  # noqa: E731
+    hyps = search.sample(model, state, first, max_chars, temperature=temperature, top_k=top_k, top_p=top_p,
+                         generator=generator, on_step=on_step)
+    return [vocab.decode(h.tokens) for h in hyps]
+
+
+@torch.no_grad()
+def score_text(model: CharLM, ids: torch.Tensor, context: torch.Tensor | None = None, streams: int = 32,
+               warmup: int = 256, window: int = 512, bf16: bool = False) -> dict:
+    """Bits/char and perplexity of every character of `ids` (1-D), each given the text before it.
+
+    The text is cut into `streams` chunks scored in parallel; each chunk first reads the `warmup`
+    characters before it (from `context` for the first chunk), unscored, so no chunk starts cold.
+    """
+    model.eval()
+    context = torch.zeros(0, dtype=torch.long) if context is None else context
+    full = torch.cat([context, ids])
+    n, offset = ids.numel(), context.numel()
+    streams = max(1, min(streams, n // 64 or 1))
+    bounds = [offset + n * s // streams for s in range(streams + 1)]
+    total_nats, counted = 0.0, 0
+    starts = [max(0, bounds[s] - warmup - 1) for s in range(streams)]
+    width = max(bounds[s + 1] - starts[s] for s in range(streams))
+    inputs = torch.zeros(streams, width, dtype=torch.long)
+    scored = torch.zeros(streams, width, dtype=torch.bool)
+    for s in range(streams):
+        piece = full[starts[s] : bounds[s + 1]]
+        inputs[s, width - piece.numel() :] = piece  # right-align so every chunk ends at the last column
+        scored[s, width - (bounds[s + 1] - bounds[s]) :] = True
+    if starts[0] == bounds[0]:  # the very first character has nothing before it: it is not scored
+        scored[0, width - (bounds[1] - bounds[0])] = False
+    hidden = None
+    for t in range(0, width - 1, window):
+        x, y = inputs[:, t : t + window], inputs[:, t + 1 : t + window + 1]
+        x = x[:, : y.size(1)]
+        with autocast(bf16):
+            logits, hidden = model(x, hidden)
+        hidden = detach(hidden)
+        nll = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), y, reduction="none")
+        mask = scored[:, t + 1 : t + 1 + y.size(1)]
+        total_nats += float(nll[mask].double().sum())
+        counted += int(mask.sum())
+    return char_scores(total_nats, counted)
+
+
+def continuation_passages(text: str, count: int, prompt_chars: int, max_chars: int) -> list[tuple[str, str]]:
+    """`count` (prompt, true continuation) pairs evenly spaced through `text`."""
+    span = prompt_chars + max_chars
+    if len(text) < span:
+        raise ValueError(f"text of {len(text)} characters is shorter than prompt + continuation ({span})")
+    step = (len(text) - span) / max(count - 1, 1)
+    starts = sorted({int(math.floor(i * step)) for i in range(count)})
+    return [(text[s : s + prompt_chars], text[s + prompt_chars : s + span]) for s in starts]

@@ -1,0 +1,100 @@
+"""LSTM encoder-decoder with attention (Luong-style attentional output layer)."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+from seq2seq.config import TranslatorModel
+from seq2seq.models.attention import Attention
+from seq2seq.models.rnn import make_rnn, select_rows
+from seq2seq.tokenizer import PAD
+
+
+class Translator(nn.Module):
+    """Embeddings are shared by source and target (the vocabulary is joint) and, with
+    `tie_embeddings`, by the output projection: the attentional layer outputs `emb_dim` values
+    for that reason."""
+
+    def __init__(self, cfg: TranslatorModel, vocab_size: int):
+        super().__init__()
+        self.cfg = cfg
+        memory_size = 2 * cfg.enc_hidden
+        self.embed = nn.Embedding(vocab_size, cfg.emb_dim, padding_idx=PAD)
+        self.encoder = make_rnn(cfg.cell, cfg.emb_dim, cfg.enc_hidden, cfg.enc_layers, cfg.dropout, bidirectional=True)
+        self.bridge = nn.Linear(memory_size, cfg.dec_layers * cfg.dec_hidden)
+        decoder_input = cfg.emb_dim * (2 if cfg.input_feeding else 1)
+        self.decoder = make_rnn(cfg.cell, decoder_input, cfg.dec_hidden, cfg.dec_layers, cfg.dropout)
+        self.attention = Attention(cfg.attention, cfg.dec_hidden, memory_size)
+        self.combine = nn.Linear(memory_size + cfg.dec_hidden, cfg.emb_dim, bias=False)
+        self.out = nn.Linear(cfg.emb_dim, vocab_size)
+        if cfg.tie_embeddings:
+            self.out.weight = self.embed.weight
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    # -- encoder ---------------------------------------------------------------------------
+    def start(self, src: torch.Tensor, src_len: torch.Tensor) -> dict:
+        """Encode a padded batch (B, S); the returned state feeds `step` and the search."""
+        emb = self.dropout(self.embed(src))
+        packed = pack_padded_sequence(emb, src_len.cpu(), batch_first=True, enforce_sorted=False)
+        packed_out, final = self.encoder(packed)
+        memory, _ = pad_packed_sequence(packed_out, batch_first=True, total_length=src.size(1))
+        final_h = final[0] if isinstance(final, tuple) else final
+        last_layer = torch.cat([final_h[-2], final_h[-1]], dim=-1)  # forward and backward of the top layer
+        h0 = torch.tanh(self.bridge(last_layer)).view(src.size(0), self.cfg.dec_layers, self.cfg.dec_hidden)
+        h0 = h0.transpose(0, 1).contiguous()
+        hidden = (h0, h0) if self.cfg.cell == "lstm" else h0
+        memory = self.dropout(memory)
+        state = {"hidden": hidden, "memory": memory, "keys": self.attention.keys(memory),
+                 "mask": src != PAD}
+        if self.cfg.input_feeding:
+            state["feed"] = memory.new_zeros(src.size(0), self.cfg.emb_dim)
+        return state
+
+    # -- decoder ---------------------------------------------------------------------------
+    def _attend(self, dec_out: torch.Tensor, state: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        context, weights = self.attention(dec_out, state["keys"], state["memory"], state["mask"])
+        return torch.tanh(self.combine(torch.cat([context, dec_out], dim=-1))), weights
+
+    def _step_logits(self, tokens: torch.Tensor, state: dict) -> tuple[torch.Tensor, dict]:
+        """One decoder step for tokens (B,) -> logits (B, V) and the next state."""
+        x = self.dropout(self.embed(tokens.unsqueeze(1)))
+        if self.cfg.input_feeding:
+            x = torch.cat([x, state["feed"].unsqueeze(1).to(x.dtype)], dim=-1)
+        dec_out, hidden = self.decoder(x, state["hidden"])
+        attentional, _ = self._attend(dec_out, state)
+        state = dict(state, hidden=hidden)
+        if self.cfg.input_feeding:
+            state["feed"] = attentional.squeeze(1)
+        return self.out(self.dropout(attentional.squeeze(1))), state
+
+    def step(self, tokens: torch.Tensor, state: dict) -> tuple[torch.Tensor, dict]:
+        logits, state = self._step_logits(tokens, state)
+        return torch.log_softmax(logits.float(), dim=-1), state
+
+    @staticmethod
+    def reorder_state(state: dict, index: torch.Tensor) -> dict:
+        return {key: select_rows(value, index) if key == "hidden" else value.index_select(0, index)
+                for key, value in state.items()}
+
+    def forward(self, src, src_len, tgt_in, teacher_forcing: float = 1.0, step_loop: bool = False) -> torch.Tensor:
+        """Teacher-forced logits (B, T, V) for the decoder inputs tgt_in (BOS y1 .. y_{T-1}).
+
+        Without input feeding and with teacher forcing 1.0 the decoder is one RNN call over the
+        whole target and attention one batched matmul; otherwise it steps through time.
+        """
+        state = self.start(src, src_len)
+        if not (step_loop or self.cfg.input_feeding or teacher_forcing < 1.0):
+            dec_out, _ = self.decoder(self.dropout(self.embed(tgt_in)), state["hidden"])
+            attentional, _ = self._attend(dec_out, state)
+            return self.out(self.dropout(attentional))
+        logits, tokens = [], tgt_in[:, 0]
+        for t in range(tgt_in.size(1)):
+            if t > 0:
+                tokens = tgt_in[:, t]
+                if teacher_forcing < 1.0:  # scheduled sampling: the model's own previous guess
+                    own = torch.rand(tokens.shape, device=tokens.device) >= teacher_forcing
+                    tokens = torch.where(own, logits[-1].argmax(-1), tokens)
+            step_logits, state = self._step_logits(tokens, state)
+            logits.append(step_logits)
+        return torch.stack(logits, dim=1)

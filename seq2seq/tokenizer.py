@@ -1,0 +1,101 @@
+"""Tokenizers: a joint SentencePiece model for translation, a character vocabulary for the LM."""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import sys
+from pathlib import Path
+
+import sentencepiece as spm
+
+from seq2seq.config import write_text_atomic
+from seq2seq.errors import UserError
+
+log = logging.getLogger("seq2seq")
+
+PAD, UNK, BOS, EOS = 0, 1, 2, 3
+
+
+class SubwordTokenizer:
+    """SentencePiece with fixed special ids: pad 0, unk 1, bos 2, eos 3."""
+
+    file_name = "spm.model"
+
+    def __init__(self, processor: spm.SentencePieceProcessor):
+        self.sp = processor
+
+    @classmethod
+    def train(cls, texts: list[str], vocab_size: int, model_type: str = "unigram", seed: int = 1) -> "SubwordTokenizer":
+        model = io.BytesIO()
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(texts), model_writer=model, vocab_size=vocab_size, model_type=model_type,
+            character_coverage=1.0, pad_id=PAD, unk_id=UNK, bos_id=BOS, eos_id=EOS,
+            hard_vocab_limit=False,  # a small corpus gets a smaller vocabulary instead of an error
+            input_sentence_size=2_000_000, shuffle_input_sentence=True,
+            num_threads=2, minloglevel=2)
+        return cls(spm.SentencePieceProcessor(model_proto=model.getvalue()))
+
+    @classmethod
+    def load(cls, folder: Path) -> "SubwordTokenizer":
+        path = Path(folder) / cls.file_name
+        if not path.is_file():
+            raise UserError(f"{path}: not found (is this a translator model folder?)")
+        return cls(spm.SentencePieceProcessor(model_file=str(path)))
+
+    def save(self, folder: Path) -> None:
+        tmp = Path(folder) / (self.file_name + ".tmp")
+        tmp.write_bytes(self.sp.serialized_model_proto())
+        tmp.replace(Path(folder) / self.file_name)
+
+    def __len__(self) -> int:
+        return self.sp.get_piece_size()
+
+    def encode(self, texts: list[str], sample_alpha: float = 0.0) -> list[list[int]]:
+        if sample_alpha > 0:
+            return self.sp.encode(texts, enable_sampling=True, alpha=sample_alpha, nbest_size=-1)
+        return self.sp.encode(texts)
+
+    def decode(self, ids: list[list[int]]) -> list[str]:
+        return self.sp.decode(ids)
+
+
+class CharVocab:
+    """Characters of the training text, id 0 for unknown characters."""
+
+    file_name = "vocab.json"
+    unk = "\ufffd"
+
+    def __init__(self, chars: list[str]):
+        self.chars = [self.unk] + [c for c in chars if c != self.unk]
+        self.index = {c: i for i, c in enumerate(self.chars)}
+        self._warned = False
+
+    @classmethod
+    def build(cls, text: str) -> "CharVocab":
+        return cls(sorted(set(text)))
+
+    @classmethod
+    def load(cls, folder: Path) -> "CharVocab":
+        path = Path(folder) / cls.file_name
+        if not path.is_file():
+            raise UserError(f"{path}: not found (is this a character model folder?)")
+        return cls(json.loads(path.read_text(encoding="utf-8"))["chars"][1:])
+
+    def save(self, folder: Path) -> None:
+        write_text_atomic(Path(folder) / self.file_name, json.dumps({"chars": self.chars}, ensure_ascii=False) + "\n")
+
+    def __len__(self) -> int:
+        return len(self.chars)
+
+    def encode(self, text: str, warn: bool = False) -> list[int]:
+        ids = [self.index.get(c, 0) for c in text]
+        if warn and not self._warned and 0 in ids:
+            unseen = sorted({c for c in text if c not in self.index})
+            print(f"seq2seq: note: {len(unseen)} character(s) not seen in training are read as unknown: "
+                  f"{''.join(unseen)!r}", file=sys.stderr)
+            self._warned = True
+        return ids
+
+    def decode(self, ids: list[int]) -> str:
+        return "".join(self.chars[i] for i in ids)
