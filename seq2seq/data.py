@@ -123,7 +123,8 @@ def token_batches(src_lens: list[int], tgt_lens: list[int], batch_tokens: int, s
     """Length-bucketed batches whose padded size (max source + max target length, times rows)
     stays within `batch_tokens`. Order is shuffled within equal lengths and across batches, from `seed`."""
     rng = random.Random(seed)
-    order = sorted(range(len(src_lens)), key=lambda i: (tgt_lens[i], src_lens[i], rng.random()))
+    # coarse target buckets, then source length: less padding than sorting on either length alone
+    order = sorted(range(len(src_lens)), key=lambda i: (tgt_lens[i] // 3, src_lens[i], tgt_lens[i], rng.random()))
     batches, current, max_src, max_tgt = [], [], 0, 0
     for i in order:
         new_src, new_tgt = max(max_src, src_lens[i]), max(max_tgt, tgt_lens[i])
@@ -140,12 +141,11 @@ def token_batches(src_lens: list[int], tgt_lens: list[int], batch_tokens: int, s
 
 def pad(seqs: list[list[int]], pad_id: int, bos: int | None = None, eos: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(batch, max_len) ids and the lengths, with optional BOS/EOS around each sequence."""
-    seqs = [([bos] if bos is not None else []) + list(s) + ([eos] if eos is not None else []) for s in seqs]
+    head, tail = ([bos] if bos is not None else []), ([eos] if eos is not None else [])
+    seqs = [head + list(s) + tail for s in seqs]
+    width = max(map(len, seqs), default=0)
     lengths = torch.tensor([len(s) for s in seqs], dtype=torch.long)
-    out = torch.full((len(seqs), int(lengths.max()) if seqs else 0), pad_id, dtype=torch.long)
-    for row, s in enumerate(seqs):
-        out[row, : len(s)] = torch.tensor(s, dtype=torch.long)
-    return out, lengths
+    return torch.tensor([s + [pad_id] * (width - len(s)) for s in seqs], dtype=torch.long).view(len(seqs), width), lengths
 
 
 def char_streams(ids: torch.Tensor, streams: int) -> torch.Tensor:

@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from seq2seq import checkpoint, inference
@@ -22,6 +21,7 @@ from seq2seq.config import Config
 from seq2seq.data import (char_streams, drop_empty, drop_overlong, load_pairs, pad, read_text, resolve,
                           token_batches)
 from seq2seq.errors import UserError
+from seq2seq.loss import smoothed_cross_entropy
 from seq2seq.metrics import bleu_chrf
 from seq2seq.models.rnn import detach
 from seq2seq.tokenizer import BOS, EOS, PAD, CharVocab, SubwordTokenizer
@@ -78,8 +78,7 @@ class TranslationTask:
             logits = self.model(src, src_len, tgt[:, :-1], teacher_forcing=self.cfg.train.teacher_forcing)
         target = tgt[:, 1:]
         smoothing = self.cfg.train.label_smoothing if smoothing is None else smoothing
-        loss = F.cross_entropy(logits.float().flatten(0, 1), target.flatten(), ignore_index=PAD,
-                               label_smoothing=smoothing, reduction="sum")
+        loss = smoothed_cross_entropy(logits.flatten(0, 1), target.flatten(), smoothing, ignore_index=PAD)
         return loss, int((target != PAD).sum())
 
     @torch.no_grad()
@@ -135,7 +134,7 @@ class CharLMTask:
         with inference.autocast(self.cfg.train.bf16):
             logits, hidden = self.model(x, self.hidden)
         self.hidden = detach(hidden)  # truncated BPTT: carry the state, not its graph
-        loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum")
+        loss = smoothed_cross_entropy(logits.flatten(0, 1), y.flatten())
         return loss, y.numel()
 
     def validate(self) -> dict:
@@ -273,7 +272,7 @@ def train(cfg: Config, data_dir: Path, output: Path, time_budget: float | None =
                 progress["batch"] += 1
                 since_eval += 1
                 tokens_seen += count
-                loss_sum, loss_count = loss_sum + float(loss), loss_count + count
+                loss_sum, loss_count = loss_sum + float(loss.detach()), loss_count + count
                 bar.update(1)
                 if progress["step"] % t.log_every == 0:
                     now = time.monotonic()

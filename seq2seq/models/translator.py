@@ -7,7 +7,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from seq2seq.config import TranslatorModel
 from seq2seq.models.attention import Attention
-from seq2seq.models.rnn import make_rnn, select_rows
+from seq2seq.models.rnn import Dropout, make_rnn, select_rows
 from seq2seq.tokenizer import PAD
 
 
@@ -30,7 +30,7 @@ class Translator(nn.Module):
         self.out = nn.Linear(cfg.emb_dim, vocab_size)
         if cfg.tie_embeddings:
             self.out.weight = self.embed.weight
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = Dropout(cfg.dropout)
 
     # -- encoder ---------------------------------------------------------------------------
     def start(self, src: torch.Tensor, src_len: torch.Tensor) -> dict:

@@ -1,0 +1,127 @@
+"""The command line as a user meets it: one-line errors with exit codes, and the main workflows."""
+import json
+
+import pytest
+
+from conftest import SAMPLE_DIR, run_cli
+
+
+def assert_one_line_error(result, *fragments):
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert "Traceback" not in result.stderr
+    assert lines[-1].startswith("seq2seq: error: "), result.stderr
+    for fragment in fragments:
+        assert fragment in lines[-1], lines[-1]
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    """The tiny preset trained on the 20 shipped pairs (the README's main job, made small)."""
+    out = tmp_path_factory.mktemp("models") / "tiny"
+    result = run_cli("train", "translator", "--preset", "tiny-en-fr", "--data-dir", SAMPLE_DIR, "--output", out,
+                     "--set", "train.max_epochs=120")
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+def write_tsv_preset(tmp_path, train_file: str) -> str:
+    preset = tmp_path / "p.toml"
+    preset.write_text(f'kind = "translator"\n[data]\nformat = "tsv"\ntrain = "{train_file}"\ndev = "{train_file}"\n'
+                      '[model]\nemb_dim = 8\nenc_hidden = 8\nenc_layers = 1\ndec_hidden = 8\n'
+                      '[train]\nmax_epochs = 1\nbf16 = false\n', encoding="utf-8")
+    return str(preset)
+
+
+def test_tiny_model_overfits_twenty_pairs_to_bleu_95(tiny_model):
+    result = run_cli("evaluate", "-m", tiny_model, "--src", SAMPLE_DIR / "sample/tiny.en", "--ref",
+                     SAMPLE_DIR / "sample/tiny.fr", "--beam", "5", "--json")
+    assert result.returncode == 0, result.stderr
+    scores = json.loads(result.stdout)
+    assert scores["bleu"] >= 95, scores
+    assert scores["sentences"] == 20
+    assert scores["signature"].startswith("nrefs:1|case:mixed|eff:no|tok:13a|smooth:exp|version:")
+    assert {"chrf", "seconds"} <= scores.keys()
+
+
+def test_translate_arguments_stdin_and_files_keep_one_line_per_input(tiny_model, tmp_path):
+    args = run_cli("translate", "-m", tiny_model, "Two dogs play in the snow.", "The sun is shining over the sea.")
+    assert args.returncode == 0, args.stderr
+    assert args.stdout == "Deux chiens jouent dans la neige.\nLe soleil brille sur la mer.\n"
+    piped = run_cli("translate", "-m", tiny_model, input="Two dogs play in the snow.\n\nI like green apples.\n")
+    assert piped.stdout == "Deux chiens jouent dans la neige.\n\nJ'aime les pommes vertes.\n"
+    src = tmp_path / "in.en"
+    src.write_text("A dog runs in the park.\nThe baby is sleeping in his bed.\n", encoding="utf-8")
+    files = run_cli("translate", "-m", tiny_model, "-i", src, "-o", tmp_path / "out.fr", "--beam", "5")
+    assert files.returncode == 0, files.stderr
+    assert (tmp_path / "out.fr").read_text(encoding="utf-8").splitlines() == [
+        "Un chien court dans le parc.", "Le bébé dort dans son lit."]
+    nbest = run_cli("translate", "-m", tiny_model, "-i", src, "--beam", "4", "--nbest", "3", "--scores")
+    rows = [line.split("\t") for line in nbest.stdout.splitlines()]
+    assert [r[0] for r in rows] == ["0"] * 3 + ["1"] * 3
+    assert float(rows[0][1]) >= float(rows[1][1]) >= float(rows[2][1])
+
+
+def test_script_wrapper_translates(tiny_model):
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    result = subprocess.run([sys.executable, str(ROOT / "scripts/translate.py"), "-m", str(tiny_model),
+                             "I like green apples."], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "J'aime les pommes vertes.\n"
+
+
+def test_mismatched_counts_is_an_error_naming_both_files(tiny_model, tmp_path):
+    (tmp_path / "a.en").write_text("one\ntwo\nthree\n", encoding="utf-8")
+    (tmp_path / "a.fr").write_text("un\ndeux\n", encoding="utf-8")
+    result = run_cli("evaluate", "-m", tiny_model, "--src", tmp_path / "a.en", "--ref", tmp_path / "a.fr")
+    assert_one_line_error(result, "a.en has 3 lines", "a.fr has 2")
+
+
+def test_invalid_utf8_in_training_data(tmp_path):
+    (tmp_path / "bad.tsv").write_bytes(b"Hello.\tBonjour.\nCaf\xe9.\tCaf\xc3\xa9.\n")
+    result = run_cli("train", "translator", "--preset", write_tsv_preset(tmp_path, "bad.tsv"), "--data-dir", tmp_path,
+                     "--output", tmp_path / "out")
+    assert_one_line_error(result, "bad.tsv:2: invalid UTF-8")
+    assert not (tmp_path / "out" / "config.json").exists()
+
+
+def test_invalid_utf8_on_stdin(tiny_model):
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "seq2seq.cli", "translate", "-m", str(tiny_model)],
+                            input=b"fine\n\xff\n", capture_output=True)
+    assert result.returncode == 2
+    assert result.stderr.decode().strip() == "seq2seq: error: <stdin>:2: invalid UTF-8"
+
+
+def test_empty_and_overlong_pairs_are_dropped_and_counted(tmp_path):
+    lines = ["Hello.\tBonjour.", "\tVide.", "Empty.\t", "A cat.\tUn chat.",
+             " ".join(["word"] * 300) + "\t" + " ".join(["mot"] * 300)] + ["A dog.\tUn chien."] * 5
+    (tmp_path / "mixed.tsv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    result = run_cli("train", "translator", "--preset", write_tsv_preset(tmp_path, "mixed.tsv"), "--data-dir", tmp_path,
+                     "--output", tmp_path / "out", "--set", "data.vocab_size=60", "--set", "data.max_tokens=50")
+    assert result.returncode == 0, result.stderr
+    assert "train: dropped 2 empty pair(s) of 10" in result.stderr
+    assert "train: dropped 1 pair(s) longer than 50 tokens" in result.stderr
+
+
+def test_missing_file_unknown_preset_and_bad_settings(tiny_model, tmp_path):
+    assert_one_line_error(run_cli("translate", "-m", tiny_model, "-i", tmp_path / "nope.en"), "nope.en: file not found")
+    assert_one_line_error(run_cli("train", "translator", "--preset", "nope"), "unknown preset 'nope'", "multi30k-en-fr")
+    assert_one_line_error(run_cli("train", "translator", "--preset", "tiny-en-fr", "--set", "model.size=3"),
+                          "unknown key(s) size")
+    assert_one_line_error(run_cli("train", "translator", "--preset", "tiny-en-fr", "--set", "train.lr=fast"),
+                          "train] lr: expected float")
+    assert_one_line_error(run_cli("train", "charlm", "--preset", "tiny-en-fr"), "not a charlm")
+    assert_one_line_error(run_cli("translate", "-m", tmp_path, "hi"), "config.json: not found")
+    assert_one_line_error(run_cli("translate", "-m", tiny_model, "--beam", "2", "--nbest", "3", "hi"), "--nbest 3")
+
+
+def test_training_refuses_to_overwrite_a_model(tiny_model):
+    result = run_cli("train", "translator", "--preset", "tiny-en-fr", "--data-dir", SAMPLE_DIR, "--output", tiny_model)
+    assert_one_line_error(result, "already holds a model", "--resume")

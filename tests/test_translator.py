@@ -1,0 +1,91 @@
+"""The translator network: loop-free teacher forcing, the step interface, padding, cells."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from seq2seq import search
+from seq2seq.data import pad
+from conftest import random_batch, small_translator
+
+BOS, EOS = 2, 3
+
+
+def gold_targets(seed: int, batch: int, vocab: int = 40):
+    g = torch.Generator().manual_seed(seed)
+    rows = [torch.randint(4, vocab, (int(n),), generator=g).tolist() for n in torch.randint(1, 8, (batch,), generator=g)]
+    tgt, _ = pad(rows, 0, bos=BOS, eos=EOS)
+    return tgt[:, :-1], tgt[:, 1:]
+
+
+def loss(logits, target):
+    return F.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=0, reduction="sum")
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
+@pytest.mark.parametrize("attention", ["dot", "general", "additive"])
+def test_loop_free_teacher_forcing_equals_step_loop(cell, attention):
+    model = small_translator(seed=1, cell=cell, attention=attention, enc_hidden=12, dec_hidden=24)
+    src, src_len = random_batch(seed=2, batch=7)
+    tgt_in, tgt_out = gold_targets(seed=3, batch=7)
+    loop_free = loss(model(src, src_len, tgt_in), tgt_out)
+    stepped = loss(model(src, src_len, tgt_in, step_loop=True), tgt_out)
+    assert torch.allclose(loop_free, stepped, rtol=1e-5), (float(loop_free), float(stepped))
+    g1 = torch.autograd.grad(loop_free, model.decoder.weight_hh_l0)[0]
+    g2 = torch.autograd.grad(stepped, model.decoder.weight_hh_l0)[0]
+    assert torch.allclose(g1, g2, atol=1e-5)
+
+
+def test_step_interface_reproduces_teacher_forced_log_probs():
+    model = small_translator(seed=4, input_feeding=True)
+    src, src_len = random_batch(seed=5, batch=4)
+    tgt_in, _ = gold_targets(seed=6, batch=4)
+    expected = torch.log_softmax(model(src, src_len, tgt_in), -1)
+    state = model.start(src, src_len)
+    for t in range(tgt_in.size(1)):
+        log_probs, state = model.step(tgt_in[:, t], state)
+        assert torch.allclose(log_probs, expected[:, t], atol=1e-5)
+
+
+def test_teacher_forcing_zero_feeds_back_greedy_predictions():
+    """Scheduled sampling at ratio 0 feeds the model's own argmax: the same path as greedy search."""
+    model = small_translator(seed=7)
+    src, src_len = random_batch(seed=8, batch=5)
+    steps = 6
+    tgt_in = torch.full((5, steps), BOS)  # only position 0 is read when the ratio is 0
+    logits = model(src, src_len, tgt_in, teacher_forcing=0.0)
+    hyps = search.greedy(model, model.start(src, src_len), torch.full((5,), BOS), steps, eos=None)
+    assert logits.argmax(-1).tolist() == [h.tokens for h in hyps]
+
+
+def test_scheduled_sampling_mixes_gold_and_predictions():
+    model = small_translator(seed=9)
+    src, src_len = random_batch(seed=10, batch=6)
+    tgt_in, tgt_out = gold_targets(seed=11, batch=6)
+    gold = loss(model(src, src_len, tgt_in), tgt_out)
+    torch.manual_seed(0)
+    mixed = loss(model(src, src_len, tgt_in, teacher_forcing=0.5), tgt_out)
+    assert not torch.allclose(gold, mixed)
+
+
+def test_padding_does_not_change_a_sentence():
+    """A sentence encoded and decoded alone equals the same sentence inside a padded batch."""
+    model = small_translator(seed=12)
+    src, src_len = random_batch(seed=13, batch=6, min_len=2, max_len=12)
+    tgt_in, _ = gold_targets(seed=14, batch=6)
+    batched = model(src, src_len, tgt_in)
+    for i in range(6):
+        alone = model(src[i : i + 1, : src_len[i]], src_len[i : i + 1], tgt_in[i : i + 1])
+        assert torch.allclose(alone, batched[i : i + 1], atol=1e-5)
+
+
+def test_embeddings_are_tied_and_dot_attention_checks_sizes():
+    from seq2seq.config import TranslatorModel
+    from seq2seq.errors import UserError
+    from seq2seq.models.translator import Translator
+
+    model = small_translator()
+    assert model.out.weight is model.embed.weight
+    with pytest.raises(UserError, match="dot attention"):
+        Translator(TranslatorModel(attention="dot", enc_hidden=100, dec_hidden=300), 50)
+    with pytest.raises(UserError, match="model.cell"):
+        Translator(TranslatorModel(cell="transformer"), 50)
