@@ -68,7 +68,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--src", type=Path, help="translator: source sentences")
     p.add_argument("--ref", type=Path, help="translator: reference translations")
     p.add_argument("--hyp-output", type=Path, help="translator: also write the translations here")
-    add_decoding_args(p)
+    add_decoding_args(p, beam_default=None)
     p.add_argument("--text", type=Path, help="character model: held-out text")
     p.add_argument("--continuations", type=nonnegative_int, default=0, help="score N generated continuations")
     p.add_argument("--prompt-chars", type=positive_int, default=100)
@@ -79,8 +79,9 @@ def parser() -> argparse.ArgumentParser:
     return top
 
 
-def add_decoding_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--beam", type=positive_int, default=5, help="beam size (1 = greedy)")
+def add_decoding_args(p: argparse.ArgumentParser, beam_default: int | None = 5) -> None:
+    p.add_argument("--beam", type=positive_int, default=beam_default,
+                   help="beam size, 1 = greedy (default: 5 for translation, greedy for continuations)")
     p.add_argument("--batch-size", type=positive_int, default=64, help="sentences decoded together")
     p.add_argument("--max-len-ratio", type=float, default=2.0, help="output at most R x source length + 10 tokens")
     p.add_argument("--length-penalty", type=float, default=1.0, help="scores divided by length ** this")
@@ -213,14 +214,15 @@ def evaluate_translator(args, model, tokenizer) -> dict:
         raise UserError("evaluating a translator needs --src and --ref")
     pairs = read_parallel_files(args.src, args.ref)
     started = time.perf_counter()
-    hyps = translate(model, tokenizer, [s for s, _ in pairs], beam=args.beam, batch_size=args.batch_size,
+    beam = args.beam or 5
+    hyps = translate(model, tokenizer, [s for s, _ in pairs], beam=beam, batch_size=args.batch_size,
                      max_len_ratio=args.max_len_ratio, length_penalty=args.length_penalty, progress=True)
     seconds = time.perf_counter() - started
     texts = [h[0][0] for h in hyps]
     if args.hyp_output:
         write_output(texts, args.hyp_output)
     result = bleu_chrf(texts, [r for _, r in pairs])
-    result.update(beam=args.beam, sentences_per_s=round(len(texts) / max(seconds, 1e-9), 1))
+    result.update(beam=beam, sentences_per_s=round(len(texts) / max(seconds, 1e-9), 1))
     return result
 
 
@@ -242,7 +244,7 @@ def evaluate_charlm(args, model, vocab) -> dict:
     except ValueError as e:
         raise UserError(f"{args.text}: {e}") from None
     hyps = generate(model, vocab, [prompt for prompt, _ in passages], args.max_chars, temperature=args.temperature,
-                    beam=args.beam if args.beam > 1 else 0, seed=args.seed)
+                    beam=args.beam if args.beam and args.beam > 1 else 0, seed=args.seed)
     flat = lambda s: " ".join(s.split())  # noqa: E731  sacreBLEU scores lines: fold line breaks
     result = bleu_chrf([flat(h) for h in hyps], [flat(ref) for _, ref in passages])
     result.update(continuations=len(passages), prompt_chars=args.prompt_chars, max_chars=args.max_chars)
