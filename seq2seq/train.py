@@ -225,10 +225,11 @@ def train(cfg: Config, data_dir: Path, output: Path, time_budget: float | None =
 
     def evaluate() -> bool:
         """Validate, keep the best model, save the resume state; True when patience has run out."""
-        nonlocal last_eval_seconds
+        nonlocal last_eval_seconds, window_start
         eval_start = time.monotonic()
         result = task.validate()
         last_eval_seconds = time.monotonic() - eval_start
+        window_start += last_eval_seconds  # throughput counts training time only
         improved = result["score"] > progress["best_score"]
         epochs_done = progress["epoch"] + progress["batch"] / max(len(batches), 1)
         record = {"type": "eval", "step": progress["step"], "epoch": round(epochs_done, 2),

@@ -51,7 +51,7 @@ def test_tiny_model_learns_a_repeating_text_and_regenerates_it(tmp_path):
     assert gen.returncode == 0, gen.stderr
     assert gen.stdout == "the quick brown fox jumps over the lazy dog.\na stitch in ti\n"
     beam = run_cli("generate", "-m", out, "--prompt", "a stitch", "--max-chars", "20", "--beam", "3")
-    assert beam.stdout == "a stitch in time saves nine.\nthe\n"
+    assert beam.stdout == "a stitch in time saves nine.\n"
     scores = run_cli("evaluate", "-m", out, "--text", SAMPLE_DIR / "sample/tiny.txt", "--json")
     scores = json.loads(scores.stdout)
     assert scores["bits_per_char"] < 0.1 and scores["characters"] > 500

@@ -73,17 +73,19 @@ def test_beam_finds_at_least_greedy_score_and_sorts_nbest():
 def test_beam_scores_are_model_log_probs():
     """The reported (unnormalised) score equals the model's log-probability of the hypothesis + EOS."""
     model = small_translator(seed=11)
-    src, src_len = random_batch(seed=12, batch=3)
-    state, first, max_lens = translator_start(model, src, src_len)
+    with torch.no_grad():
+        model.out.bias[EOS] += 2.0  # a random model may never stop otherwise
+    src, src_len = random_batch(seed=12, batch=6)
+    state, first, _ = translator_start(model, src, src_len)
+    max_lens = [40] * 6  # long enough for every hypothesis to end with EOS
     for i, hyps in enumerate(search.beam_search(model, state, first, max_lens, 3, eos=EOS, length_penalty=0.0)):
         tokens = hyps[0].tokens
+        assert len(tokens) < 40
         tgt_in = torch.tensor([[BOS] + tokens])
         gold = torch.tensor(tokens + [EOS])
         logits = model(src[i : i + 1, : src_len[i]], src_len[i : i + 1], tgt_in)
         logp = torch.log_softmax(logits[0], -1).gather(1, gold.unsqueeze(1)).sum()
-        ended_with_eos = len(tokens) < max_lens[i]
-        if ended_with_eos:
-            assert abs(float(logp) - hyps[0].score) < 1e-4
+        assert abs(float(logp) - hyps[0].score) < 1e-4
 
 
 def test_sampling_top_k_one_equals_greedy_and_seed_repeats():
