@@ -30,7 +30,10 @@ def save_weights(model: torch.nn.Module, path: Path) -> None:
 def load_weights(model: torch.nn.Module, path: Path) -> None:
     if not path.is_file():
         raise UserError(f"{path}: not found")
-    missing, unexpected = load_model(model, str(path), strict=False)
+    try:
+        missing, unexpected = load_model(model, str(path), strict=False)
+    except RuntimeError as e:  # shapes differ: the weights belong to another configuration
+        raise UserError(f"{path}: weights do not match config.json ({str(e).splitlines()[0][:200]})") from None
     if missing or unexpected:
         raise UserError(f"{path}: weights do not match the config (missing {sorted(missing)[:3]}, "
                         f"unexpected {sorted(unexpected)[:3]})")

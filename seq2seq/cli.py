@@ -49,7 +49,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", type=Path, help="write here instead of standard output")
     add_decoding_args(p)
     p.add_argument("--nbest", type=positive_int, default=1, help="hypotheses per input (one line each)")
-    p.add_argument("--scores", action="store_true", help="TSV lines: input number, score, translation")
+    p.add_argument("--scores", action="store_true",
+                   help="TSV lines: input number, score, translation (score: log-probability, divided by "
+                        "length ** length-penalty when --beam > 1)")
 
     p = sub.add_parser("generate", help="generate text from a prompt with a character model")
     p.add_argument("-m", "--model", required=True, type=Path)
@@ -93,6 +95,10 @@ def cmd_train(args) -> None:
     if args.resume:
         if not args.output:
             raise UserError("--resume needs --output, the folder of the run to continue")
+        if args.preset:
+            raise UserError("--resume continues the run in --output with its own config: drop --preset")
+        if any(item.strip().startswith(("model.", "data.")) for item in args.set):
+            raise UserError("--resume can change train.* settings only; model and data are fixed by the run")
         cfg = Config.load(args.output / "config.json")
         cfg = Config.from_dict(apply_overrides(cfg.to_dict(), args.set), "--set")
     else:
@@ -102,7 +108,7 @@ def cmd_train(args) -> None:
     if cfg.kind != args.kind:
         raise UserError(f"{args.output} holds a {cfg.kind} model, not a {args.kind}")
     output = args.output or Path("checkpoints") / cfg.preset
-    data_dir = args.data_dir or default_data_dir()
+    data_dir = args.data_dir or (None if args.resume else default_data_dir())
     best = train(cfg, data_dir, output, time_budget=args.time_budget, resume=args.resume)
     print(json.dumps({"output": str(output), "best": best}))
 
@@ -122,6 +128,8 @@ def read_inputs(args) -> list[str]:
     except UnicodeDecodeError as e:
         line = data.count(b"\n", 0, e.start) + 1
         raise UserError(f"<stdin>:{line}: invalid UTF-8") from None
+    if not text:
+        return []
     return [line.removesuffix("\r") for line in text.split("\n")[: -1 if text.endswith("\n") else None]]
 
 
@@ -166,6 +174,8 @@ def cmd_generate(args) -> None:
 
     if not 0 < args.top_p <= 1:
         raise UserError(f"--top-p must be in (0, 1], got {args.top_p}")
+    if args.beam and args.num_samples > 1:
+        raise UserError("--beam gives one best continuation: drop --num-samples, or sample without --beam")
     _, model, vocab = load_kind(args.model, "charlm")
     if args.seed is not None:
         import torch
@@ -262,6 +272,10 @@ def main(argv: list[str] | None = None) -> int:
         COMMANDS[args.command](args)
     except UserError as e:
         print(f"seq2seq: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # unreadable input, unwritable output: the user's to fix, not a crash
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"seq2seq: error: {where}{e.strerror or e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("seq2seq: interrupted", file=sys.stderr)

@@ -83,7 +83,7 @@ def _field(row: dict, dotted: str, source: str, index: int) -> str:
         if not isinstance(value, dict) or part not in value:
             raise UserError(f"dataset {source!r} row {index}: no field {dotted!r} (fields: {', '.join(row)})")
         value = value[part]
-    return str(value)
+    return "" if value is None else str(value)  # a missing value is an empty side: dropped and counted
 
 
 def resolve(data_dir: Path, name: str) -> Path:

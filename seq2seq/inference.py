@@ -100,11 +100,13 @@ def score_text(model: CharLM, ids: torch.Tensor, context: torch.Tensor | None = 
     inputs = torch.zeros(streams, width, dtype=torch.long)
     scored = torch.zeros(streams, width, dtype=torch.bool)
     for s in range(streams):
+        # left-aligned: every row starts from a fresh state on real text; the padding after a
+        # shorter row's end is read but never scored. Column 0 is only ever an input, so the
+        # text's very first character (when there is no context) is not scored.
         piece = full[starts[s] : bounds[s + 1]]
-        inputs[s, width - piece.numel() :] = piece  # right-align so every chunk ends at the last column
-        scored[s, width - (bounds[s + 1] - bounds[s]) :] = True
-    if starts[0] == bounds[0]:  # the very first character has nothing before it: it is not scored
-        scored[0, width - (bounds[1] - bounds[0])] = False
+        inputs[s, : piece.numel()] = piece
+        scored[s, bounds[s] - starts[s] : piece.numel()] = True
+    scored[:, 0] = False
     hidden = None
     for t in range(0, width - 1, window):
         x, y = inputs[:, t : t + window], inputs[:, t + 1 : t + window + 1]

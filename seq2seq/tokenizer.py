@@ -26,7 +26,7 @@ class SubwordTokenizer:
         self.sp = processor
 
     @classmethod
-    def train(cls, texts: list[str], vocab_size: int, model_type: str = "unigram", seed: int = 1) -> "SubwordTokenizer":
+    def train(cls, texts: list[str], vocab_size: int, model_type: str = "unigram") -> "SubwordTokenizer":
         model = io.BytesIO()
         spm.SentencePieceTrainer.train(
             sentence_iterator=iter(texts), model_writer=model, vocab_size=vocab_size, model_type=model_type,
@@ -53,7 +53,8 @@ class SubwordTokenizer:
 
     def encode(self, texts: list[str], sample_alpha: float = 0.0) -> list[list[int]]:
         if sample_alpha > 0:
-            return self.sp.encode(texts, enable_sampling=True, alpha=sample_alpha, nbest_size=-1)
+            # one thread: SentencePiece's per-thread generators make threaded sampling unrepeatable
+            return self.sp.encode(texts, enable_sampling=True, alpha=sample_alpha, nbest_size=-1, num_threads=1)
         return self.sp.encode(texts)
 
     def decode(self, ids: list[list[int]]) -> list[str]:

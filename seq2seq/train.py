@@ -39,7 +39,7 @@ class TranslationTask:
         if tokenizer is None:
             log.info("training SentencePiece (%s, vocabulary %d) on %d pairs", d.spm_model_type, d.vocab_size, len(train))
             tokenizer = SubwordTokenizer.train([s for s, _ in train] + [t for _, t in train], d.vocab_size,
-                                               d.spm_model_type, cfg.train.seed)
+                                               d.spm_model_type)
         self.tokenizer = tokenizer
         self.train_src = [s for s, _ in train]
         self.train_tgt = [t for _, t in train]
@@ -50,6 +50,10 @@ class TranslationTask:
         self.train_src = [self.train_src[i] for i in keep]
         self.train_tgt = [self.train_tgt[i] for i in keep]
         self.src_ids, self.tgt_ids = [src_ids[i] for i in keep], [tgt_ids[i] for i in keep]
+        if not self.src_ids:
+            raise UserError(f"data.train {d.train!r}: no pair is within data.max_tokens = {d.max_tokens}")
+        if not dev:
+            raise UserError(f"data.dev {d.dev!r}: no sentence pairs")
         if d.dev_max_sentences:
             dev = dev[: d.dev_max_sentences]
         self.dev_src, self.dev_ref = [s for s, _ in dev], [t for _, t in dev]
@@ -71,11 +75,12 @@ class TranslationTask:
                               seed=t.seed * 1000 + epoch)
         return [([src_ids[i] for i in b], [tgt_ids[i] for i in b]) for b in order]
 
-    def loss(self, batch, smoothing: float | None = None) -> tuple[torch.Tensor, int]:
+    def loss(self, batch, smoothing: float | None = None, teacher_forcing: float | None = None) -> tuple[torch.Tensor, int]:
         src, src_len = pad(batch[0], PAD, eos=EOS)
         tgt, _ = pad(batch[1], PAD, bos=BOS, eos=EOS)
+        ratio = self.cfg.train.teacher_forcing if teacher_forcing is None else teacher_forcing
         with inference.autocast(self.cfg.train.bf16):
-            logits = self.model(src, src_len, tgt[:, :-1], teacher_forcing=self.cfg.train.teacher_forcing)
+            logits = self.model(src, src_len, tgt[:, :-1], teacher_forcing=ratio)
         target = tgt[:, 1:]
         smoothing = self.cfg.train.label_smoothing if smoothing is None else smoothing
         loss = smoothed_cross_entropy(logits.flatten(0, 1), target.flatten(), smoothing, ignore_index=PAD)
@@ -88,7 +93,8 @@ class TranslationTask:
         order = token_batches([len(s) + 1 for s in self.dev_src_ids], [len(s) + 1 for s in self.dev_tgt_ids],
                               self.cfg.train.batch_tokens, seed=0)
         for b in order:
-            loss, n = self.loss(([self.dev_src_ids[i] for i in b], [self.dev_tgt_ids[i] for i in b]), smoothing=0.0)
+            loss, n = self.loss(([self.dev_src_ids[i] for i in b], [self.dev_tgt_ids[i] for i in b]),
+                                smoothing=0.0, teacher_forcing=1.0)
             total, count = total + float(loss), count + n
         hyps = inference.translate(self.model, self.tokenizer, self.dev_src, beam=self.cfg.train.dev_beam,
                                    bf16=self.cfg.train.bf16)
@@ -172,8 +178,10 @@ def learning_rate(cfg, step: int, total_steps: int, plateau_scale: float) -> flo
     return cfg.lr * warm * factor
 
 
-def train(cfg: Config, data_dir: Path, output: Path, time_budget: float | None = None, resume: bool = False) -> dict:
-    """Train into `output`; returns the best evaluation. `time_budget` is in minutes of wall clock."""
+def train(cfg: Config, data_dir: Path | None, output: Path, time_budget: float | None = None,
+          resume: bool = False) -> dict:
+    """Train into `output`; returns the best evaluation. `time_budget` is in minutes of wall clock.
+    On resume, `data_dir` None means the folder the run was started with."""
     started = time.monotonic()
     t = cfg.train
     output = Path(output)
@@ -184,10 +192,14 @@ def train(cfg: Config, data_dir: Path, output: Path, time_budget: float | None =
     output.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(t.threads or os.cpu_count() or 1)
     torch.manual_seed(t.seed)
+    learning_rate(t, 0, 1, 1.0)  # a bad schedule name fails now, before anything is written
 
-    tokenizer = None
+    tokenizer, state = None, None
     if resume:
         tokenizer = (SubwordTokenizer if cfg.kind == "translator" else CharVocab).load(output)
+        state = checkpoint.load_state(output / checkpoint.STATE)
+        data_dir = data_dir or Path(json.loads(state["progress"])["data_dir"])
+    data_dir = Path(data_dir)
     task = TASKS[cfg.kind](cfg, data_dir, tokenizer)
     model = task.model
     n_params = sum(p.numel() for p in model.parameters())
@@ -195,19 +207,21 @@ def train(cfg: Config, data_dir: Path, output: Path, time_budget: float | None =
     optimizer = torch.optim.Adam(model.parameters(), lr=t.lr, betas=(0.9, 0.98), weight_decay=t.weight_decay)
 
     progress = {"step": 0, "epoch": 0, "batch": 0, "best_score": -math.inf, "best": None,
-                "bad_evals": 0, "plateau_scale": 1.0}
+                "bad_evals": 0, "plateau_scale": 1.0, "data_dir": str(data_dir.resolve())}
     if resume:
-        state = checkpoint.load_state(output / checkpoint.STATE)
         checkpoint.load_weights(model, output / checkpoint.LAST)
-        optimizer.load_state_dict(state["optimizer"])
-        progress = json.loads(state["progress"])
+        try:
+            optimizer.load_state_dict(state["optimizer"])
+        except ValueError as e:
+            raise UserError(f"{output / checkpoint.STATE}: does not match the model ({e})") from None
+        progress = dict(json.loads(state["progress"]), data_dir=str(data_dir.resolve()))
         progress["best_score"] = -math.inf if progress["best_score"] is None else progress["best_score"]
         torch.set_rng_state(state["torch_rng"])
         task.load_extra_state(state.get("task", {}))
         log.info("resuming %s at epoch %d, step %d", output, progress["epoch"] + 1, progress["step"])
     else:
-        cfg.save(output / "config.json")
         task.tokenizer.save(output)
+    cfg.save(output / "config.json")  # on resume too: --set train.* overrides are kept
 
     metrics_log = open(output / "metrics.jsonl", "a", encoding="utf-8")
 
@@ -222,6 +236,13 @@ def train(cfg: Config, data_dir: Path, output: Path, time_budget: float | None =
                                "progress": json.dumps(saved), "task": task.extra_state()}, output / checkpoint.STATE)
 
     last_eval_seconds = 0.0
+
+    def out_of_time() -> bool:
+        """True when the budget could not also cover one more evaluation."""
+        return bool(time_budget) and time.monotonic() - started + last_eval_seconds >= time_budget * 60
+
+    if not resume:
+        save_resume_state()
 
     def evaluate() -> bool:
         """Validate, keep the best model, save the resume state; True when patience has run out."""
@@ -286,7 +307,7 @@ def train(cfg: Config, data_dir: Path, output: Path, time_budget: float | None =
                     tokens_seen, window_start, loss_sum, loss_count = 0, now, 0.0, 0
                 if t.max_steps and progress["step"] >= t.max_steps:
                     stop_reason = f"reached max_steps {t.max_steps}"
-                elif time_budget and time.monotonic() - started + last_eval_seconds >= time_budget * 60:
+                elif out_of_time():
                     stop_reason = f"time budget of {time_budget:g} min used"
                 if stop_reason:
                     break
@@ -299,6 +320,8 @@ def train(cfg: Config, data_dir: Path, output: Path, time_budget: float | None =
             if progress["batch"] >= len(batches):
                 progress["epoch"] += 1
                 progress["batch"] = 0
+                if stop_reason is None and out_of_time():
+                    stop_reason = f"time budget of {time_budget:g} min used"
                 if not t.eval_every and stop_reason is None:
                     since_eval = 0
                     if evaluate():

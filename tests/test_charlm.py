@@ -2,6 +2,7 @@
 import json
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -79,3 +80,15 @@ def test_generate_streams_characters_in_order():
     pieces = []
     texts = generate(model, vocab, ["abc"], 25, temperature=0.7, seed=3, on_text=pieces.append)
     assert "".join(pieces) == texts[0] and len(pieces) == 25
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
+def test_one_step_decoding_equals_the_sequence_pass(cell):
+    """search's `step` runs the cell kernels; it must compute what the whole-sequence RNN computes."""
+    model = small_charlm(seed=6, cell=cell)
+    text = torch.randint(0, 20, (3, 12), generator=torch.Generator().manual_seed(7))
+    expected = torch.log_softmax(model(text)[0], -1)
+    state = {"hidden": None}
+    for t in range(12):
+        log_probs, state = model.step(text[:, t], state)
+        assert torch.allclose(log_probs, expected[:, t], atol=1e-5)

@@ -125,3 +125,39 @@ def test_missing_file_unknown_preset_and_bad_settings(tiny_model, tmp_path):
 def test_training_refuses_to_overwrite_a_model(tiny_model):
     result = run_cli("train", "translator", "--preset", "tiny-en-fr", "--data-dir", SAMPLE_DIR, "--output", tiny_model)
     assert_one_line_error(result, "already holds a model", "--resume")
+
+
+def test_reader_errors_in_training_runs(tmp_path):
+    (tmp_path / "notab.tsv").write_text("Hello.\tBonjour.\nNo tab at all\n", encoding="utf-8")
+    result = run_cli("train", "translator", "--preset", write_tsv_preset(tmp_path, "notab.tsv"), "--data-dir", tmp_path,
+                     "--output", tmp_path / "o1")
+    assert_one_line_error(result, "notab.tsv:2: expected source<TAB>target")
+    (tmp_path / "p.en").write_text("a\nb\nc\n", encoding="utf-8")
+    (tmp_path / "p.fr").write_text("a\nb\n", encoding="utf-8")
+    result = run_cli("train", "translator", "--preset", "tiny-en-fr", "--data-dir", tmp_path, "--output", tmp_path / "o2",
+                     "--set", "data.train=p", "--set", "data.dev=p")
+    assert_one_line_error(result, "p.en has 3 lines", "p.fr has 2")
+
+
+def test_empty_stdin_and_unwritable_output(tiny_model, tmp_path):
+    empty = run_cli("translate", "-m", tiny_model, input="")
+    assert empty.returncode == 0 and empty.stdout == ""
+    result = run_cli("translate", "-m", tiny_model, "-o", tmp_path / "missing" / "out.fr", "Hello.")
+    assert_one_line_error(result, "missing/out.fr")
+
+
+def test_resume_keeps_data_dir_and_new_train_settings(tmp_path):
+    out = tmp_path / "lm"
+    first = run_cli("train", "charlm", "--preset", "tiny-charlm", "--data-dir", SAMPLE_DIR, "--output", out,
+                    "--set", "train.max_steps=4")
+    assert first.returncode == 0, first.stderr
+    again = run_cli("train", "charlm", "--resume", "--output", out, "--set", "train.max_steps=8")
+    assert again.returncode == 0, again.stderr
+    assert "resuming" in again.stderr and json.loads(again.stdout)["best"] is not None
+    assert json.loads((out / "config.json").read_text())["train"]["max_steps"] == 8
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()
+             if json.loads(line)["type"] == "eval"]
+    assert steps[-1] == 8
+    assert_one_line_error(run_cli("train", "charlm", "--resume", "--output", out, "--set", "model.hidden=8"),
+                          "train.* settings only")
+    assert_one_line_error(run_cli("generate", "-m", out, "--beam", "3", "--num-samples", "2"), "--num-samples")

@@ -7,7 +7,7 @@ from safetensors.torch import load_file
 
 from seq2seq import checkpoint
 from seq2seq.config import load_preset
-from seq2seq.train import train
+from seq2seq.train import TASKS, train
 from conftest import SAMPLE_DIR, run_cli, shared_corpus
 
 
@@ -15,15 +15,29 @@ from conftest import SAMPLE_DIR, run_cli, shared_corpus
     ("tiny-en-fr", "translator", ["model.dropout=0.2", "data.sample_alpha=0.1", "train.teacher_forcing=0.8"]),
     ("tiny-charlm", "charlm", ["model.dropout=0.2"]),
 ])
-def test_resumed_run_continues_exactly(tmp_path, preset, kind, extra):
-    def cfg(steps):
-        return load_preset(preset, kind, [f"train.max_steps={steps}", "train.eval_every=4", "train.max_epochs=50",
-                                          "train.lr_schedule=cosine", *extra])
+def test_resumed_run_continues_exactly(tmp_path, monkeypatch, preset, kind, extra):
+    cfg = load_preset(preset, kind, ["train.max_steps=12", "train.eval_every=4", "train.max_epochs=50",
+                                     "train.lr_schedule=cosine", *extra])
+    train(cfg, SAMPLE_DIR, tmp_path / "straight")
 
-    # the char LM has 6 windows an epoch: step 8 stops mid-epoch, with a carried hidden state
-    train(cfg(12), SAMPLE_DIR, tmp_path / "straight")
-    train(cfg(8), SAMPLE_DIR, tmp_path / "resumed")
-    train(cfg(12), SAMPLE_DIR, tmp_path / "resumed", resume=True)
+    # Ctrl-C in the 10th training step (the char LM has 6 windows an epoch: mid-epoch, with a
+    # carried hidden state), then --resume
+    original, calls = TASKS[kind].loss, []
+
+    def interrupted(self, batch, *args, **kwargs):
+        if self.model.training:
+            calls.append(1)
+            if len(calls) == 10:
+                raise KeyboardInterrupt
+        return original(self, batch, *args, **kwargs)
+
+    monkeypatch.setattr(TASKS[kind], "loss", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, SAMPLE_DIR, tmp_path / "resumed")
+    monkeypatch.undo()
+    assert json.loads(torch.load(tmp_path / "resumed" / checkpoint.STATE, weights_only=True)["progress"])["step"] == 9
+    train(cfg, None, tmp_path / "resumed", resume=True)
+
     straight = load_file(tmp_path / "straight" / checkpoint.LAST)
     resumed = load_file(tmp_path / "resumed" / checkpoint.LAST)
     assert straight.keys() == resumed.keys()

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from seq2seq.config import CharLMModel
-from seq2seq.models.rnn import Dropout, Hidden, make_rnn, select_rows
+from seq2seq.models.rnn import Dropout, Hidden, make_rnn, rnn_step, select_rows
 
 
 class CharLM(nn.Module):
@@ -38,8 +38,11 @@ class CharLM(nn.Module):
         return {"hidden": hidden}
 
     def step(self, tokens: torch.Tensor, state: dict) -> tuple[torch.Tensor, dict]:
-        logits, hidden = self.forward(tokens.unsqueeze(1), state["hidden"])
-        return torch.log_softmax(logits[:, 0].float(), dim=-1), {"hidden": hidden}
+        out, hidden = rnn_step(self.rnn, self.dropout(self.embed(tokens)), state["hidden"])
+        out = self.dropout(out)
+        if self.bottleneck is not None:
+            out = self.bottleneck(out)
+        return torch.log_softmax(self.out(out).float(), dim=-1), {"hidden": hidden}
 
     @staticmethod
     def reorder_state(state: dict, index: torch.Tensor) -> dict:

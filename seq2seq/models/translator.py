@@ -7,7 +7,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from seq2seq.config import TranslatorModel
 from seq2seq.models.attention import Attention
-from seq2seq.models.rnn import Dropout, make_rnn, select_rows
+from seq2seq.models.rnn import Dropout, make_rnn, rnn_step, select_rows
 from seq2seq.tokenizer import PAD
 
 
@@ -58,11 +58,11 @@ class Translator(nn.Module):
 
     def _step_logits(self, tokens: torch.Tensor, state: dict) -> tuple[torch.Tensor, dict]:
         """One decoder step for tokens (B,) -> logits (B, V) and the next state."""
-        x = self.dropout(self.embed(tokens.unsqueeze(1)))
+        x = self.dropout(self.embed(tokens))
         if self.cfg.input_feeding:
-            x = torch.cat([x, state["feed"].unsqueeze(1).to(x.dtype)], dim=-1)
-        dec_out, hidden = self.decoder(x, state["hidden"])
-        attentional, _ = self._attend(dec_out, state)
+            x = torch.cat([x, state["feed"].to(x.dtype)], dim=-1)
+        dec_out, hidden = rnn_step(self.decoder, x, state["hidden"])
+        attentional, _ = self._attend(dec_out.unsqueeze(1), state)
         state = dict(state, hidden=hidden)
         if self.cfg.input_feeding:
             state["feed"] = attentional.squeeze(1)
