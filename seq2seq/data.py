@@ -112,11 +112,12 @@ def drop_empty(pairs: list[tuple[str, str]], what: str) -> list[tuple[str, str]]
     return kept
 
 
-def drop_overlong(src_ids: list, tgt_ids: list, max_tokens: int, what: str):
+def within_length(src_ids: list, tgt_ids: list, max_tokens: int, what: str) -> list[int]:
+    """Indices of the pairs whose sides both fit in `max_tokens`; the others are counted in the log."""
     keep = [i for i in range(len(src_ids)) if len(src_ids[i]) <= max_tokens and len(tgt_ids[i]) <= max_tokens]
     if len(keep) < len(src_ids):
         log.info("%s: dropped %d pair(s) longer than %d tokens", what, len(src_ids) - len(keep), max_tokens)
-    return [src_ids[i] for i in keep], [tgt_ids[i] for i in keep]
+    return keep
 
 
 def token_batches(src_lens: list[int], tgt_lens: list[int], batch_tokens: int, seed: int) -> list[list[int]]:

@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from seq2seq import checkpoint, inference
 from seq2seq.config import Config
-from seq2seq.data import (char_streams, drop_empty, drop_overlong, load_pairs, pad, read_text, resolve,
+from seq2seq.data import (char_streams, drop_empty, load_pairs, within_length, pad, read_text, resolve,
                           token_batches)
 from seq2seq.errors import UserError
 from seq2seq.loss import smoothed_cross_entropy
@@ -44,9 +44,7 @@ class TranslationTask:
         self.train_src = [s for s, _ in train]
         self.train_tgt = [t for _, t in train]
         src_ids, tgt_ids = tokenizer.encode(self.train_src), tokenizer.encode(self.train_tgt)
-        keep = [i for i in range(len(train)) if len(src_ids[i]) <= d.max_tokens and len(tgt_ids[i]) <= d.max_tokens]
-        if len(keep) < len(train):
-            log.info("train: dropped %d pair(s) longer than %d tokens", len(train) - len(keep), d.max_tokens)
+        keep = within_length(src_ids, tgt_ids, d.max_tokens, "train")
         self.train_src = [self.train_src[i] for i in keep]
         self.train_tgt = [self.train_tgt[i] for i in keep]
         self.src_ids, self.tgt_ids = [src_ids[i] for i in keep], [tgt_ids[i] for i in keep]
@@ -57,8 +55,9 @@ class TranslationTask:
         if d.dev_max_sentences:
             dev = dev[: d.dev_max_sentences]
         self.dev_src, self.dev_ref = [s for s, _ in dev], [t for _, t in dev]
-        self.dev_src_ids, self.dev_tgt_ids = drop_overlong(tokenizer.encode(self.dev_src), tokenizer.encode(self.dev_ref),
-                                                           d.max_tokens, "dev")
+        dev_src_ids, dev_tgt_ids = tokenizer.encode(self.dev_src), tokenizer.encode(self.dev_ref)
+        keep = within_length(dev_src_ids, dev_tgt_ids, d.max_tokens, "dev")  # for dev loss; BLEU uses all
+        self.dev_src_ids, self.dev_tgt_ids = [dev_src_ids[i] for i in keep], [dev_tgt_ids[i] for i in keep]
         log.info("train: %d pairs, %d target tokens; dev: %d pairs", len(self.src_ids),
                  sum(map(len, self.tgt_ids)), len(self.dev_src))
         self.model = checkpoint.build(cfg, tokenizer)
