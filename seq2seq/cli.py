@@ -268,6 +268,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(level=os.environ.get("SEQ2SEQ_LOG", "INFO"), format="%(asctime)s %(message)s",
                         datefmt="%H:%M:%S", stream=sys.stderr)
+    from seq2seq.cpu import tune_allocator
+    tune_allocator()
     try:
         COMMANDS[args.command](args)
     except UserError as e:

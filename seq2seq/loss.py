@@ -5,17 +5,22 @@ nll_loss chain makes several full-size fp32 copies and passes, all memory-bound.
 forward pass walks the logits in chunks of rows that fit in L2 cache, computing the loss and,
 since a backward pass always follows in training, the gradient softmax - (1 - eps) * onehot -
 eps / V at once. Measured on this 2-core machine at 2992 x 8000 bf16 logits: 165 ms -> 44 ms.
+A caller that knows the factor its backward pass will bring (1 / tokens, for a mean) passes it
+as `grad_scale`: it is folded into the forward pass's mask multiply, and the backward pass hands
+the saved gradient on without another logits-sized pass.
 """
 from __future__ import annotations
 
 import torch
 
-CHUNK_ROWS = 64
+# fp32 values per chunk (1 MB: L2-sized): 64 rows of an 8k vocabulary, 4k rows of a character one
+CHUNK_ELEMENTS = 1 << 18
 
 
 class _SmoothedCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits: torch.Tensor, target: torch.Tensor, smoothing: float, ignore_index: int):
+    def forward(ctx, logits: torch.Tensor, target: torch.Tensor, smoothing: float, ignore_index: int,
+                grad_scale: float):
         dtype = torch.promote_types(logits.dtype, torch.float32)
         keep = target != ignore_index
         safe_target = target.masked_fill(~keep, 0).unsqueeze(1)
@@ -23,8 +28,9 @@ class _SmoothedCrossEntropy(torch.autograd.Function):
         grad = torch.empty_like(logits) if want_grad else None
         vocab = logits.size(-1)
         total = torch.zeros((), dtype=dtype)
-        for start in range(0, logits.size(0), CHUNK_ROWS):
-            rows = slice(start, start + CHUNK_ROWS)
+        chunk = max(1, CHUNK_ELEMENTS // vocab)
+        for start in range(0, logits.size(0), chunk):
+            rows = slice(start, start + chunk)
             log_probs = torch.log_softmax(logits[rows], dim=-1, dtype=dtype)
             mask = keep[rows].to(dtype)
             nll = -log_probs.gather(1, safe_target[rows]).squeeze(1)
@@ -36,18 +42,23 @@ class _SmoothedCrossEntropy(torch.autograd.Function):
                 if smoothing > 0:
                     probs.sub_(smoothing / vocab)
                 probs.scatter_add_(1, safe_target[rows], torch.full_like(mask, smoothing - 1).unsqueeze(1))
-                grad[rows] = probs.mul_(mask.unsqueeze(1))
+                grad[rows] = probs.mul_(mask.mul_(grad_scale).unsqueeze(1))
         ctx.save_for_backward(grad)
+        ctx.grad_scale = grad_scale
         return total
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
         (grad,) = ctx.saved_tensors
-        return grad * grad_output.to(grad.dtype), None, None, None
+        factor = float(grad_output) / ctx.grad_scale
+        if abs(factor - 1) < 1e-6:  # the expected factor, up to its fp32 rounding
+            return grad, None, None, None, None
+        return grad * factor, None, None, None, None
 
 
 def smoothed_cross_entropy(logits: torch.Tensor, target: torch.Tensor, smoothing: float = 0.0,
-                           ignore_index: int = -100) -> torch.Tensor:
+                           ignore_index: int = -100, grad_scale: float = 1.0) -> torch.Tensor:
     """Summed label-smoothed cross-entropy of logits (N, V) against target (N,), as
-    F.cross_entropy(..., label_smoothing=smoothing, ignore_index=ignore_index, reduction="sum")."""
-    return _SmoothedCrossEntropy.apply(logits, target, smoothing, ignore_index)
+    F.cross_entropy(..., label_smoothing=smoothing, ignore_index=ignore_index, reduction="sum").
+    `grad_scale` is only a hint of the backward pass's incoming gradient: results never depend on it."""
+    return _SmoothedCrossEntropy.apply(logits, target, smoothing, ignore_index, grad_scale)

@@ -81,9 +81,11 @@ class TranslationTask:
         with inference.autocast(self.cfg.train.bf16):
             logits = self.model(src, src_len, tgt[:, :-1], teacher_forcing=ratio)
         target = tgt[:, 1:]
+        count = int((target != PAD).sum())
         smoothing = self.cfg.train.label_smoothing if smoothing is None else smoothing
-        loss = smoothed_cross_entropy(logits.flatten(0, 1), target.flatten(), smoothing, ignore_index=PAD)
-        return loss, int((target != PAD).sum())
+        loss = smoothed_cross_entropy(logits.flatten(0, 1), target.flatten(), smoothing, ignore_index=PAD,
+                                      grad_scale=1 / max(count, 1))  # the trainer's mean
+        return loss, count
 
     @torch.no_grad()
     def validate(self) -> dict:
@@ -139,7 +141,7 @@ class CharLMTask:
         with inference.autocast(self.cfg.train.bf16):
             logits, hidden = self.model(x, self.hidden)
         self.hidden = detach(hidden)  # truncated BPTT: carry the state, not its graph
-        loss = smoothed_cross_entropy(logits.flatten(0, 1), y.flatten())
+        loss = smoothed_cross_entropy(logits.flatten(0, 1), y.flatten(), grad_scale=1 / y.numel())
         return loss, y.numel()
 
     def validate(self) -> dict:
@@ -163,10 +165,23 @@ class CharLMTask:
 TASKS = {"translator": TranslationTask, "charlm": CharLMTask}
 
 
+# The clock the loop reads; tests replace it with a fake one.
+clock = time.monotonic
+
+# Budget runs fix their step count after this many steps (or warmup_steps, if more), from the
+# measured seconds per step; the first fifth of them is skipped as warm-up of caches and allocator.
+PLAN_AFTER_STEPS = 30
+# Share of the budget left unplanned, for speed that drifts over a run (other processes, longer
+# dev decodes as the model improves); the time-budget stop still catches an overrun.
+BUDGET_MARGIN = 0.03
+
+
 def learning_rate(cfg, step: int, total_steps: int, plateau_scale: float) -> float:
+    """Linear warmup over warmup_steps, then the schedule; cosine anneals from the end of warmup
+    to the last of total_steps, so the steps before the plan of a budget run never depend on the plan."""
     warm = min(1.0, (step + 1) / max(cfg.warmup_steps, 1))
     if cfg.lr_schedule == "cosine":
-        progress = min(1.0, step / max(total_steps, 1))
+        progress = min(1.0, max(0, step - cfg.warmup_steps) / max(total_steps - 1 - cfg.warmup_steps, 1))
         factor = cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
     elif cfg.lr_schedule == "plateau":
         factor = plateau_scale
@@ -177,161 +192,241 @@ def learning_rate(cfg, step: int, total_steps: int, plateau_scale: float) -> flo
     return cfg.lr * warm * factor
 
 
+def plan_total_steps(budget_s: float, elapsed_s: float, step: int, step_s: float, eval_s: float,
+                     steps_per_eval: int, ceiling: int) -> int:
+    """The step count at which a run that has done `step` steps in `elapsed_s` seconds ends its
+    training and final evaluation when `budget_s` is spent: each further step costs `step_s`,
+    each evaluation (one every `steps_per_eval`, and a last one) `eval_s`. Never above `ceiling`,
+    never below `step`."""
+    left = budget_s * (1 - BUDGET_MARGIN) - elapsed_s - eval_s
+    more = left / (step_s + eval_s / max(steps_per_eval, 1))
+    return int(min(ceiling, max(step, step + math.floor(more))))
+
+
 def train(cfg: Config, data_dir: Path | None, output: Path, time_budget: float | None = None,
           resume: bool = False) -> dict:
-    """Train into `output`; returns the best evaluation. `time_budget` is in minutes of wall clock.
+    """Train into `output`; returns the best evaluation. `time_budget` is in minutes of wall clock:
+    the run plans its step count (and so its learning-rate schedule) to end when it is spent.
     On resume, `data_dir` None means the folder the run was started with."""
-    started = time.monotonic()
-    t = cfg.train
-    output = Path(output)
-    if resume and not (output / checkpoint.STATE).is_file():
-        raise UserError(f"{output}: nothing to resume ({checkpoint.STATE} not found)")
-    if not resume and (output / "config.json").exists():
-        raise UserError(f"{output} already holds a model: pass --resume to continue it, or choose another --output")
-    output.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(t.threads or os.cpu_count() or 1)
-    torch.manual_seed(t.seed)
-    learning_rate(t, 0, 1, 1.0)  # a bad schedule name fails now, before anything is written
+    return Trainer(cfg, data_dir, Path(output), time_budget, resume).run()
 
-    tokenizer, state = None, None
-    if resume:
-        tokenizer = (SubwordTokenizer if cfg.kind == "translator" else CharVocab).load(output)
-        state = checkpoint.load_state(output / checkpoint.STATE)
-        data_dir = data_dir or Path(json.loads(state["progress"])["data_dir"])
-    data_dir = Path(data_dir)
-    task = TASKS[cfg.kind](cfg, data_dir, tokenizer)
-    model = task.model
-    n_params = sum(p.numel() for p in model.parameters())
-    log.info("model: %s, %.2fM parameters", cfg.kind, n_params / 1e6)
-    optimizer = torch.optim.Adam(model.parameters(), lr=t.lr, betas=(0.9, 0.98), weight_decay=t.weight_decay)
 
-    progress = {"step": 0, "epoch": 0, "batch": 0, "best_score": -math.inf, "best": None,
-                "bad_evals": 0, "plateau_scale": 1.0, "data_dir": str(data_dir.resolve())}
-    if resume:
-        checkpoint.load_weights(model, output / checkpoint.LAST)
+class Trainer:
+    """One run: set-up (or resume), then steps, evaluations, the budget plan and saves."""
+
+    def __init__(self, cfg: Config, data_dir: Path | None, output: Path, time_budget: float | None, resume: bool):
+        self.started = clock()
+        self.cfg, self.t, self.output = cfg, cfg.train, output
+        self.budget_s = time_budget * 60 if time_budget else None
+        if resume and not (output / checkpoint.STATE).is_file():
+            raise UserError(f"{output}: nothing to resume ({checkpoint.STATE} not found)")
+        if not resume and (output / "config.json").exists():
+            raise UserError(f"{output} already holds a model: pass --resume to continue it, or choose another --output")
+        output.mkdir(parents=True, exist_ok=True)
+        torch.set_num_threads(self.t.threads or os.cpu_count() or 1)
+        torch.manual_seed(self.t.seed)
+        learning_rate(self.t, 0, 1, 1.0)  # a bad schedule name fails now, before anything is written
+
+        tokenizer, state = None, None
+        if resume:
+            tokenizer = (SubwordTokenizer if cfg.kind == "translator" else CharVocab).load(output)
+            state = checkpoint.load_state(output / checkpoint.STATE)
+            data_dir = data_dir or Path(json.loads(state["progress"])["data_dir"])
+        data_dir = Path(data_dir)
+        self.task = TASKS[cfg.kind](cfg, data_dir, tokenizer)
+        self.model = self.task.model
+        self.n_params = sum(p.numel() for p in self.model.parameters())
+        log.info("model: %s, %.2fM parameters", cfg.kind, self.n_params / 1e6)
+        # fused: one kernel for all parameters instead of a dozen ops per tensor
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=self.t.lr, betas=(0.9, 0.98),
+                                          weight_decay=self.t.weight_decay, fused=True)
+        self.progress = {"step": 0, "epoch": 0, "batch": 0, "best_score": -math.inf, "best": None, "bad_evals": 0,
+                         "plateau_scale": 1.0, "total_steps": None, "data_dir": str(data_dir.resolve())}
+        if resume:
+            self._load_resume_state(state, data_dir)
+        else:
+            self.task.tokenizer.save(output)
+        cfg.save(output / "config.json")  # on resume too: --set train.* overrides are kept
+        self.batches, self.batches_epoch = self.task.batches(self.progress["epoch"]), self.progress["epoch"]
+        # Without a budget the schedule runs to the ceiling (a resume may raise it); a budget run
+        # records its planned total in the progress, so that a resume follows the same schedule.
+        self.ceiling = self.t.max_steps or self.t.max_epochs * len(self.batches)
+        self.plan_at = max(self.t.warmup_steps, PLAN_AFTER_STEPS)
+        self.eval_seconds = 0.0  # wall clock spent evaluating and saving since the run (or resume) started
+        self.last_eval_s: float | None = None
+        self.metrics_log = open(output / "metrics.jsonl", "a", encoding="utf-8")
+        if not resume:
+            self.save_resume_state()
+
+    def _load_resume_state(self, state: dict, data_dir: Path) -> None:
+        checkpoint.load_weights(self.model, self.output / checkpoint.LAST)
         try:
-            optimizer.load_state_dict(state["optimizer"])
+            self.optimizer.load_state_dict(state["optimizer"])
         except ValueError as e:
-            raise UserError(f"{output / checkpoint.STATE}: does not match the model ({e})") from None
+            raise UserError(f"{self.output / checkpoint.STATE}: does not match the model ({e})") from None
         progress = dict(json.loads(state["progress"]), data_dir=str(data_dir.resolve()))
         progress["best_score"] = -math.inf if progress["best_score"] is None else progress["best_score"]
+        self.progress.update(progress)
         torch.set_rng_state(state["torch_rng"])
-        task.load_extra_state(state.get("task", {}))
-        log.info("resuming %s at epoch %d, step %d", output, progress["epoch"] + 1, progress["step"])
-    else:
-        task.tokenizer.save(output)
-    cfg.save(output / "config.json")  # on resume too: --set train.* overrides are kept
+        self.task.load_extra_state(state.get("task", {}))
+        log.info("resuming %s at epoch %d, step %d", self.output, self.progress["epoch"] + 1, self.progress["step"])
 
-    metrics_log = open(output / "metrics.jsonl", "a", encoding="utf-8")
+    # -- files -------------------------------------------------------------------------------
+    def write_log(self, record: dict) -> None:
+        self.metrics_log.write(json.dumps(record) + "\n")
+        self.metrics_log.flush()
 
-    def write_log(record: dict) -> None:
-        metrics_log.write(json.dumps(record) + "\n")
-        metrics_log.flush()
+    def save_resume_state(self) -> None:
+        checkpoint.save_weights(self.model, self.output / checkpoint.LAST)
+        p = self.progress
+        saved = dict(p, best_score=None if p["best_score"] == -math.inf else p["best_score"])
+        checkpoint.save_state({"optimizer": self.optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
+                               "progress": json.dumps(saved), "task": self.task.extra_state()},
+                              self.output / checkpoint.STATE)
 
-    def save_resume_state() -> None:
-        checkpoint.save_weights(model, output / checkpoint.LAST)
-        saved = dict(progress, best_score=None if progress["best_score"] == -math.inf else progress["best_score"])
-        checkpoint.save_state({"optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
-                               "progress": json.dumps(saved), "task": task.extra_state()}, output / checkpoint.STATE)
+    # -- the parts of a run ------------------------------------------------------------------
+    def train_step(self, batch) -> tuple[float, int, float, float]:
+        """One update; returns (summed loss, target count, pre-clip gradient norm, learning rate)."""
+        p, t = self.progress, self.t
+        lr = learning_rate(t, p["step"], p["total_steps"] or self.ceiling, p["plateau_scale"])
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        loss, count = self.task.loss(batch)
+        self.optimizer.zero_grad(set_to_none=True)
+        (loss / max(count, 1)).backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.clip_norm, foreach=True)
+        self.optimizer.step()
+        p["step"] += 1
+        p["batch"] += 1
+        return float(loss.detach()), count, float(grad_norm), lr
 
-    last_eval_seconds = 0.0
-
-    def out_of_time() -> bool:
-        """True when the budget could not also cover one more evaluation."""
-        return bool(time_budget) and time.monotonic() - started + last_eval_seconds >= time_budget * 60
-
-    if not resume:
-        save_resume_state()
-
-    def evaluate() -> bool:
+    def evaluate(self) -> bool:
         """Validate, keep the best model, save the resume state; True when patience has run out."""
-        nonlocal last_eval_seconds, window_start
-        eval_start = time.monotonic()
-        result = task.validate()
-        last_eval_seconds = time.monotonic() - eval_start
-        window_start += last_eval_seconds  # throughput counts training time only
-        improved = result["score"] > progress["best_score"]
-        epochs_done = progress["epoch"] + progress["batch"] / max(len(batches), 1)
-        record = {"type": "eval", "step": progress["step"], "epoch": round(epochs_done, 2),
-                  "elapsed_s": round(time.monotonic() - started, 1), "eval_s": round(last_eval_seconds, 1),
+        p, t = self.progress, self.t
+        eval_start = clock()
+        result = self.task.validate()
+        validate_s = clock() - eval_start
+        improved = result["score"] > p["best_score"]
+        record = {"type": "eval", "step": p["step"], "epoch": round(p["epoch"] + p["batch"] / max(len(self.batches), 1), 2),
+                  "elapsed_s": round(clock() - self.started, 1), "eval_s": round(validate_s, 1),
                   **{k: v for k, v in result.items() if k != "score"}, "best": improved}
-        write_log(record)
+        self.write_log(record)
         shown = ", ".join(f"{k} {v}" for k, v in record.items() if k not in ("type", "best"))
         log.info("eval: %s%s", shown, " (best)" if improved else "")
         if improved:
-            progress.update(best_score=result["score"], best=record, bad_evals=0)
-            checkpoint.save_weights(model, output / checkpoint.BEST)
-            checkpoint.save_json({"best": record, "parameters": n_params}, output / "metrics.json")
+            p.update(best_score=result["score"], best=record, bad_evals=0)
+            checkpoint.save_weights(self.model, self.output / checkpoint.BEST)
+            checkpoint.save_json({"best": record, "parameters": self.n_params}, self.output / "metrics.json")
         else:
-            progress["bad_evals"] += 1
+            p["bad_evals"] += 1
             if t.lr_schedule == "plateau":
-                progress["plateau_scale"] = max(progress["plateau_scale"] * 0.5, t.min_lr_ratio)
-        save_resume_state()
-        return progress["bad_evals"] >= t.patience
+                p["plateau_scale"] = max(p["plateau_scale"] * 0.5, t.min_lr_ratio)
+        self.save_resume_state()
+        self.last_eval_s = clock() - eval_start  # what the plan counts per evaluation: saves included
+        self.eval_seconds += self.last_eval_s
+        return p["bad_evals"] >= t.patience
 
-    batches, batches_epoch = task.batches(progress["epoch"]), progress["epoch"]
-    total_steps = t.max_steps or t.max_epochs * len(batches)
-    model.train()
-    stop_reason, since_eval = None, 0
-    tokens_seen, window_start, loss_sum, loss_count = 0, time.monotonic(), 0.0, 0
-    try:
-        while stop_reason is None and progress["epoch"] < t.max_epochs:
-            if batches_epoch != progress["epoch"]:
-                batches, batches_epoch = task.batches(progress["epoch"]), progress["epoch"]
-            bar = tqdm(total=len(batches), initial=progress["batch"], desc=f"epoch {progress['epoch'] + 1}",
-                       unit="batch", disable=None, mininterval=2, leave=False)
-            while progress["batch"] < len(batches):
-                lr = learning_rate(t, progress["step"], total_steps, progress["plateau_scale"])
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                loss, count = task.loss(batches[progress["batch"]])
-                optimizer.zero_grad(set_to_none=True)
-                (loss / max(count, 1)).backward()
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), t.clip_norm))
-                optimizer.step()
-                progress["step"] += 1
-                progress["batch"] += 1
-                since_eval += 1
-                tokens_seen += count
-                loss_sum, loss_count = loss_sum + float(loss.detach()), loss_count + count
-                bar.update(1)
-                if progress["step"] % t.log_every == 0:
-                    now = time.monotonic()
-                    record = {"type": "train", "step": progress["step"], "epoch": progress["epoch"] + 1,
-                              "loss": round(loss_sum / max(loss_count, 1), 4), "lr": lr, "grad_norm": round(grad_norm, 3),
-                              "tokens_per_s": round(tokens_seen / max(now - window_start, 1e-9), 1),
-                              "elapsed_s": round(now - started, 1)}
-                    write_log(record)
-                    bar.set_postfix(loss=record["loss"], tok_s=int(record["tokens_per_s"]))
-                    tokens_seen, window_start, loss_sum, loss_count = 0, now, 0.0, 0
-                if t.max_steps and progress["step"] >= t.max_steps:
-                    stop_reason = f"reached max_steps {t.max_steps}"
-                elif out_of_time():
-                    stop_reason = f"time budget of {time_budget:g} min used"
-                if stop_reason:
-                    break
-                if t.eval_every and progress["step"] % t.eval_every == 0:
-                    since_eval = 0
-                    if evaluate():
-                        stop_reason = f"no improvement in {t.patience} evaluations"
+    def training_seconds(self) -> float:
+        """Wall clock since the start, evaluations and saves excluded: what throughput counts."""
+        return clock() - self.started - self.eval_seconds
+
+    def plan(self, measured_steps: int, measured_s: float) -> None:
+        """Fix the run's total step count from the measured speed so the budget is just used."""
+        p = self.progress
+        step_s = measured_s / max(measured_steps, 1)
+        steps_per_eval = self.t.eval_every or len(self.batches)
+        p["total_steps"] = plan_total_steps(self.budget_s, clock() - self.started, p["step"], step_s,
+                                            self.last_eval_s, steps_per_eval, self.ceiling)
+        record = {"type": "plan", "step": p["step"], "total_steps": p["total_steps"],
+                  "epochs": round(p["total_steps"] / max(len(self.batches), 1), 2), "step_s": round(step_s, 4),
+                  "eval_s": round(self.last_eval_s, 2), "budget_s": self.budget_s, "ceiling": self.ceiling}
+        self.write_log(record)
+        log.info("plan: %d steps (%.1f epochs) in the %g-minute budget, at %.3f s a step and %.1f s an evaluation",
+                 p["total_steps"], record["epochs"], self.budget_s / 60, step_s, self.last_eval_s)
+        self.save_resume_state()
+
+    def out_of_time(self) -> bool:
+        """True when the budget could not also cover one more evaluation."""
+        return self.budget_s is not None and clock() - self.started + (self.last_eval_s or 0) >= self.budget_s
+
+    def stop_reason(self) -> str | None:
+        p, t = self.progress, self.t
+        if t.max_steps and p["step"] >= t.max_steps:
+            return f"reached max_steps {t.max_steps}"
+        if p["total_steps"] is not None and p["step"] >= p["total_steps"]:
+            return f"completed the {p['total_steps']} steps planned for the budget"
+        if self.out_of_time():
+            return f"time budget of {self.budget_s / 60:g} min used"
+        return None
+
+    def run(self) -> dict:
+        p, t = self.progress, self.t
+        self.model.train()
+        stop, since_eval = None, 0
+        window = {"tokens": 0, "seconds": self.training_seconds(), "loss": 0.0}
+        measure_from = (p["step"], self.training_seconds())  # the plan's speed is measured from here
+        try:
+            while stop is None and p["epoch"] < t.max_epochs:
+                if self.batches_epoch != p["epoch"]:
+                    self.batches, self.batches_epoch = self.task.batches(p["epoch"]), p["epoch"]
+                bar = tqdm(total=len(self.batches), initial=p["batch"], desc=f"epoch {p['epoch'] + 1}",
+                           unit="batch", disable=None, mininterval=2, leave=False)
+                while p["batch"] < len(self.batches):
+                    loss, count, grad_norm, lr = self.train_step(self.batches[p["batch"]])
+                    since_eval += 1
+                    window["tokens"] += count
+                    window["loss"] += loss
+                    bar.update(1)
+                    if p["step"] % t.log_every == 0:
+                        record = self.log_train(window, grad_norm, lr)
+                        bar.set_postfix(loss=record["loss"], tok_s=int(record["tokens_per_s"]))
+                    if self.budget_s is not None and p["total_steps"] is None:
+                        if p["step"] == self.plan_at // 5:
+                            measure_from = (p["step"], self.training_seconds())
+                        if p["step"] >= max(self.plan_at, measure_from[0] + 5):
+                            if self.last_eval_s is None:  # the plan needs an evaluation's cost
+                                since_eval = 0
+                                if self.evaluate():
+                                    stop = f"no improvement in {t.patience} evaluations"
+                                    break
+                            self.plan(p["step"] - measure_from[0], self.training_seconds() - measure_from[1])
+                    stop = self.stop_reason()
+                    if stop:
                         break
-            bar.close()
-            if progress["batch"] >= len(batches):
-                progress["epoch"] += 1
-                progress["batch"] = 0
-                if stop_reason is None and out_of_time():
-                    stop_reason = f"time budget of {time_budget:g} min used"
-                if not t.eval_every and stop_reason is None:
-                    since_eval = 0
-                    if evaluate():
-                        stop_reason = f"no improvement in {t.patience} evaluations"
-        if since_eval:
-            evaluate()
-    except KeyboardInterrupt:
-        save_resume_state()
-        log.info("interrupted: state saved at step %d; continue with --resume", progress["step"])
-        raise
-    finally:
-        metrics_log.close()
-    log.info("finished: %s; best %s", stop_reason or f"{t.max_epochs} epochs", progress["best"])
-    return progress["best"]
+                    if t.eval_every and p["step"] % t.eval_every == 0:
+                        since_eval = 0
+                        if self.evaluate():
+                            stop = f"no improvement in {t.patience} evaluations"
+                            break
+                bar.close()
+                if p["batch"] >= len(self.batches):
+                    p["epoch"] += 1
+                    p["batch"] = 0
+                    if stop is None and self.out_of_time():
+                        stop = f"time budget of {self.budget_s / 60:g} min used"
+                    if not t.eval_every and stop is None:
+                        since_eval = 0
+                        if self.evaluate():
+                            stop = f"no improvement in {t.patience} evaluations"
+            if since_eval:
+                self.evaluate()
+        except KeyboardInterrupt:
+            self.save_resume_state()
+            log.info("interrupted: state saved at step %d; continue with --resume", p["step"])
+            raise
+        finally:
+            self.metrics_log.close()
+        log.info("finished: %s; best %s", stop or f"{t.max_epochs} epochs", p["best"])
+        return p["best"]
+
+    def log_train(self, window: dict, grad_norm: float, lr: float) -> dict:
+        """A train record over the steps since the last one (throughput: training time only)."""
+        p = self.progress
+        now = clock()
+        seconds = self.training_seconds() - window["seconds"]
+        record = {"type": "train", "step": p["step"], "epoch": p["epoch"] + 1,
+                  "loss": round(window["loss"] / max(window["tokens"], 1), 4), "lr": lr, "grad_norm": round(grad_norm, 3),
+                  "tokens_per_s": round(window["tokens"] / max(seconds, 1e-9), 1), "elapsed_s": round(now - self.started, 1)}
+        self.write_log(record)
+        window.update(tokens=0, seconds=self.training_seconds(), loss=0.0)
+        return record

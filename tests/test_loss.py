@@ -35,3 +35,25 @@ def test_bf16_logits_give_bf16_gradient_close_to_fp32():
     ref = F.cross_entropy(low.detach().float(), target, label_smoothing=0.1, reduction="sum")
     assert low.grad.dtype == torch.bfloat16
     assert abs(float(loss) - float(ref)) < 1e-3
+
+
+@pytest.mark.parametrize("scale", [1.0, 1 / 37])
+def test_gradient_scale_hint_never_changes_the_gradient(scale):
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(37, 9, generator=g, requires_grad=True)
+    target = torch.randint(0, 9, (37,), generator=g)
+    grads = []
+    for hint in (1.0, 1 / 37, 0.5):
+        (grad,) = torch.autograd.grad(smoothed_cross_entropy(logits, target, 0.1, grad_scale=hint) * scale, logits)
+        grads.append(grad)
+    ref = torch.autograd.grad(F.cross_entropy(logits, target, label_smoothing=0.1, reduction="sum") * scale, logits)[0]
+    for grad in grads:
+        assert torch.allclose(grad, ref, atol=1e-6)
+
+
+def test_chunks_cover_every_row_of_a_small_vocabulary():
+    # a character vocabulary: many rows a chunk; rows beyond the first chunk must count too
+    logits = torch.randn(10_000, 65, dtype=torch.float64)
+    target = torch.randint(0, 65, (10_000,))
+    ours = smoothed_cross_entropy(logits, target)
+    assert torch.allclose(ours, F.cross_entropy(logits, target, reduction="sum"))

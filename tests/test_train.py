@@ -6,8 +6,8 @@ import torch
 from safetensors.torch import load_file
 
 from seq2seq import checkpoint
-from seq2seq.config import load_preset
-from seq2seq.train import TASKS, train
+from seq2seq.config import Config, load_preset
+from seq2seq.train import BUDGET_MARGIN, TASKS, plan_total_steps, train
 from conftest import SAMPLE_DIR, run_cli, shared_corpus
 
 
@@ -47,19 +47,118 @@ def test_resumed_run_continues_exactly(tmp_path, monkeypatch, preset, kind, extr
     assert [r["step"] for r in log if r["type"] == "eval"] == [4, 8, 12]
 
 
-def test_time_budget_stops_cleanly_and_keeps_the_best(tmp_path):
+def test_time_budget_run_plans_its_steps_and_keeps_the_best(tmp_path):
     out = tmp_path / "budget"
     result = run_cli("train", "translator", "--preset", "tiny-en-fr", "--data-dir", SAMPLE_DIR, "--output", out,
-                     "--time-budget", "0.05", "--set", "train.max_epochs=100000")
+                     "--time-budget", "0.1", "--set", "train.max_epochs=100000")
     assert result.returncode == 0, result.stderr
-    assert "time budget of 0.05 min used" in result.stderr
+    log = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    plan = [r for r in log if r["type"] == "plan"]
+    assert len(plan) == 1 and plan[0]["step"] == 30 and plan[0]["total_steps"] > 30
+    assert "steps planned for the budget" in result.stderr or "time budget of 0.1 min used" in result.stderr
     for name in ("config.json", "model.safetensors", "spm.model", "metrics.json", "resume.safetensors",
                  "train_state.pt", "metrics.jsonl"):
         assert (out / name).is_file(), name
     state = torch.load(out / "train_state.pt", weights_only=True)  # no pickle-executed code
-    assert json.loads(state["progress"])["step"] > 0
+    assert json.loads(state["progress"])["total_steps"] == plan[0]["total_steps"]
     cfg, model, _ = checkpoint.load(out)
     assert cfg.kind == "translator" and not model.training
+
+
+def test_plan_fills_what_is_left_of_the_budget():
+    # 100 s budget, 10 s used in 30 steps, 0.25 s a step, 2 s an evaluation every 40 steps (and a last one)
+    total = plan_total_steps(100, 10, 30, 0.25, 2.0, 40, ceiling=10_000)
+    more = total - 30
+    assert abs(more * 0.25 + (more / 40 + 1) * 2.0 - (100 * (1 - BUDGET_MARGIN) - 10)) < 0.3
+    assert plan_total_steps(100, 10, 30, 0.25, 2.0, 40, ceiling=200) == 200  # max_epochs is a ceiling
+    assert plan_total_steps(100, 120, 30, 0.25, 2.0, 40, ceiling=10_000) == 30  # already over: stop now
+
+
+class FakeClock:
+    """Wall clock that moves only when a training step runs: `step_s` a step, or what `slow` says."""
+
+    def __init__(self, step_s: float, slow=lambda step: None):
+        self.now, self.step_s, self.slow, self.steps = 0.0, step_s, slow, 0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def install(self, monkeypatch, kind: str) -> None:
+        import seq2seq.train as train_module
+
+        monkeypatch.setattr(train_module, "clock", self)
+        original = TASKS[kind].loss
+
+        def timed(task, batch, *args, **kwargs):
+            if task.model.training:
+                self.steps += 1
+                self.now += self.slow(self.steps) or self.step_s
+            return original(task, batch, *args, **kwargs)
+
+        monkeypatch.setattr(TASKS[kind], "loss", timed)
+
+
+def budget_run(tmp_path, monkeypatch, clock: FakeClock, minutes: float, *overrides):
+    cfg = load_preset("tiny-charlm", "charlm", ["train.lr_schedule=cosine", "train.warmup_steps=10",
+                                                "train.eval_every=20", "train.log_every=1", *overrides])
+    clock.install(monkeypatch, "charlm")
+    train(cfg, SAMPLE_DIR, tmp_path, time_budget=minutes)
+    log = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    return cfg, log
+
+
+def test_budget_run_ends_annealed_when_the_budget_is_spent(tmp_path, monkeypatch):
+    clock = FakeClock(0.5)
+    cfg, log = budget_run(tmp_path, monkeypatch, clock, 1.0, "train.max_epochs=100000")
+    (plan,) = [r for r in log if r["type"] == "plan"]
+    assert plan["step"] == 30 and plan["step_s"] == 0.5
+    # 60 s less the margin, of which 15 s went into the first 30 steps: 0.5 s a step from then on
+    assert plan["total_steps"] == 30 + int((60 * (1 - BUDGET_MARGIN) - 15) / 0.5)
+    steps = [r for r in log if r["type"] == "train"]
+    assert steps[-1]["step"] == plan["total_steps"] == clock.steps
+    assert clock.now <= 60
+    assert steps[-1]["lr"] == pytest.approx(cfg.train.lr * cfg.train.min_lr_ratio, rel=1e-3)  # annealed
+    assert max(r["lr"] for r in steps) == pytest.approx(cfg.train.lr)
+    assert [r for r in log if r["type"] == "eval"][-1]["step"] == plan["total_steps"]  # a final evaluation
+
+
+def test_budget_run_that_cannot_fill_its_budget_stops_at_max_epochs(tmp_path, monkeypatch):
+    clock = FakeClock(0.5)
+    cfg, log = budget_run(tmp_path, monkeypatch, clock, 60.0, "train.max_epochs=15")
+    (plan,) = [r for r in log if r["type"] == "plan"]
+    epoch_steps = plan["ceiling"] // 15
+    assert plan["total_steps"] == plan["ceiling"] == 15 * epoch_steps
+    assert clock.steps == plan["ceiling"]
+    assert [r for r in log if r["type"] == "train"][-1]["lr"] == pytest.approx(cfg.train.lr * cfg.train.min_lr_ratio,
+                                                                               rel=1e-3)
+
+
+def test_budget_run_that_overruns_stops_on_time_and_keeps_its_model(tmp_path, monkeypatch):
+    clock = FakeClock(0.5, slow=lambda step: 3.0 if step > 40 else None)  # 6x slower after the plan
+    _, log = budget_run(tmp_path, monkeypatch, clock, 1.0, "train.max_epochs=100000")
+    (plan,) = [r for r in log if r["type"] == "plan"]
+    assert clock.steps < plan["total_steps"]
+    assert clock.now <= 60 + 3.0
+    assert (tmp_path / "model.safetensors").is_file()
+    assert [r for r in log if r["type"] == "eval"][-1]["step"] == clock.steps
+
+
+def test_budget_run_resumed_after_its_plan_continues_exactly(tmp_path, monkeypatch):
+    straight_clock = FakeClock(0.5)
+    budget_run(tmp_path / "straight", monkeypatch, straight_clock, 1.0, "train.max_epochs=100000")
+    monkeypatch.undo()
+
+    clock = FakeClock(0.5, slow=lambda step: (_ for _ in ()).throw(KeyboardInterrupt) if step == 70 else None)
+    with pytest.raises(KeyboardInterrupt):
+        budget_run(tmp_path / "resumed", monkeypatch, clock, 1.0, "train.max_epochs=100000")
+    monkeypatch.undo()
+    cfg = Config.load(tmp_path / "resumed" / "config.json")
+    FakeClock(5.0).install(monkeypatch, "charlm")  # the resumed session is slower: the plan holds
+    train(cfg, None, tmp_path / "resumed", time_budget=100.0, resume=True)
+    straight = load_file(tmp_path / "straight" / checkpoint.LAST)
+    resumed = load_file(tmp_path / "resumed" / checkpoint.LAST)
+    for name in straight:
+        assert torch.equal(straight[name], resumed[name]), name
 
 
 def test_short_end_to_end_run_on_multi30k(tmp_path):
