@@ -25,9 +25,12 @@ class TranslatorData:
     # "parallel": <prefix>.<src_lang> + <prefix>.<tgt_lang>; "tsv": src<TAB>tgt per line;
     # "hf": a Hugging Face dataset (hub name or a local loader such as "json").
     format: str = "parallel"
-    train: str = ""
-    dev: str = ""
-    test: str = ""
+    # A split is one corpus (a path, or the split name for "hf") or a list of corpora read in order
+    # and concatenated: [{ path = "a.tsv", format = "tsv" }, { path = "b", max_sentences = 500 }]
+    # (format defaults to the one above; max_sentences keeps the first N pairs, 0 = all).
+    train: str | list = ""
+    dev: str | list = ""
+    test: str | list = ""
     src_lang: str = "en"
     tgt_lang: str = "fr"
     hf_path: str = ""
@@ -149,8 +152,36 @@ def _build(cls, values: dict, where: str):
         raise UserError(f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(known)}")
     obj = cls()
     for key, value in values.items():
-        setattr(obj, key, _coerce(value, type(getattr(obj, key)), f"{where} {key}"))
+        kind = type(getattr(obj, key))
+        if str(known[key].type) == "str | list" and isinstance(value, (list, dict)):  # a list of corpora
+            kind = list
+        setattr(obj, key, _coerce(value, kind, f"{where} {key}"))
     return obj
+
+
+CORPUS_KEYS = ("path", "format", "max_sentences")
+FORMATS = ("parallel", "tsv", "hf")
+
+
+def _corpus(item, where: str) -> dict:
+    """One corpus table of a list-valued data.train/dev/test, checked and normalised."""
+    if not isinstance(item, dict):
+        raise UserError(f"{where}: expected a table such as {{ path = \"...\" }}, got {item!r}")
+    unknown = sorted(set(item) - set(CORPUS_KEYS))
+    if unknown:
+        raise UserError(f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(CORPUS_KEYS)}")
+    if not isinstance(item.get("path"), str) or not item["path"]:
+        raise UserError(f"{where}: path must be set to a string (the corpus file, prefix or split)")
+    corpus = {"path": item["path"]}
+    if "format" in item:
+        if item["format"] not in FORMATS:
+            raise UserError(f"{where} format: expected one of {', '.join(FORMATS)}, got {item['format']!r}")
+        corpus["format"] = item["format"]
+    if "max_sentences" in item:
+        corpus["max_sentences"] = _coerce(item["max_sentences"], int, f"{where} max_sentences")
+        if corpus["max_sentences"] < 0:
+            raise UserError(f"{where} max_sentences: expected 0 (all) or more, got {corpus['max_sentences']}")
+    return corpus
 
 
 def _coerce(value, kind: type, where: str):
@@ -160,6 +191,10 @@ def _coerce(value, kind: type, where: str):
         if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
             return value.lower() in ("true", "1", "yes")
         raise UserError(f"{where}: expected true or false, got {value!r}")
+    if kind is list:
+        if not isinstance(value, list):
+            raise UserError(f"{where}: expected a path or a list of {{ path = ... }} tables, got {value!r}")
+        return [_corpus(item, f"{where}[{i}]") for i, item in enumerate(value)]
     try:
         if kind is float and isinstance(value, (int, float, str)):
             return float(value)

@@ -92,17 +92,32 @@ def resolve(data_dir: Path, name: str) -> Path:
 
 
 def load_pairs(cfg: TranslatorData, data_dir: Path, split: str) -> list[tuple[str, str]]:
-    """The pairs of split 'train', 'dev' or 'test' as the data config describes them."""
-    name = getattr(cfg, split)
-    if not name:
+    """The pairs of split 'train', 'dev' or 'test' as the data config describes them: one corpus,
+    or the corpora of a list concatenated in order (each cut to its max_sentences, if set)."""
+    spec = getattr(cfg, split)
+    if not spec:
         raise UserError(f"data.{split} is not set in the config")
-    if cfg.format == "hf":
+    if isinstance(spec, str):
+        return read_corpus(cfg, data_dir, spec, cfg.format)
+    pairs = []
+    for corpus in spec:
+        fmt = corpus.get("format", cfg.format)
+        read = read_corpus(cfg, data_dir, corpus["path"], fmt)
+        part = read[: corpus.get("max_sentences") or None]
+        log.info("%s: %d pairs from %s (%s%s)", split, len(part), corpus["path"], fmt,
+                 f", the first of {len(read)}" if len(part) < len(read) else "")
+        pairs += part
+    return pairs
+
+
+def read_corpus(cfg: TranslatorData, data_dir: Path, name: str, fmt: str) -> list[tuple[str, str]]:
+    if fmt == "hf":
         return read_hf(cfg, name)
-    if cfg.format == "tsv":
+    if fmt == "tsv":
         return read_tsv(resolve(data_dir, name))
-    if cfg.format == "parallel":
+    if fmt == "parallel":
         return read_parallel(resolve(data_dir, name), cfg.src_lang, cfg.tgt_lang)
-    raise UserError(f"data.format must be parallel, tsv or hf, got {cfg.format!r}")
+    raise UserError(f"data.format must be parallel, tsv or hf, got {fmt!r}")
 
 
 def drop_empty(pairs: list[tuple[str, str]], what: str) -> list[tuple[str, str]]:

@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import math
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import torch
 from tqdm import tqdm
 
 from seq2seq import search
+from seq2seq.cpu import native_bf16
 from seq2seq.data import pad
 from seq2seq.metrics import char_scores
 from seq2seq.models.charlm import CharLM
@@ -20,6 +21,20 @@ def autocast(enabled: bool):
     return torch.autocast("cpu", dtype=torch.bfloat16) if enabled else nullcontext()
 
 
+def decoding_bf16(bf16: bool | None) -> bool:
+    """None picks the fastest mode of this CPU: bf16 where it computes bf16 natively (it keeps
+    BLEU within 0.1 of fp32 on Multi30k), fp32 elsewhere, where emulated bf16 is slower."""
+    return native_bf16() if bf16 is None else bf16
+
+
+@contextmanager
+def decoding(model, bf16: bool):
+    """Eval mode, no autograd, the model's step weights prepared once, bf16 autocast if asked."""
+    model.eval()
+    with torch.no_grad(), model.decoding(torch.bfloat16 if bf16 else torch.float32), autocast(bf16):
+        yield
+
+
 def max_output_lengths(src_lengths: torch.Tensor, ratio: float) -> torch.Tensor:
     return (src_lengths.float() * ratio).long() + 10
 
@@ -27,18 +42,19 @@ def max_output_lengths(src_lengths: torch.Tensor, ratio: float) -> torch.Tensor:
 @torch.no_grad()
 def translate(model: Translator, tokenizer: SubwordTokenizer, lines: list[str], beam: int = 5, nbest: int = 1,
               batch_size: int = 64, max_len_ratio: float = 2.0, length_penalty: float = 1.0,
-              progress: bool = False, bf16: bool = False) -> list[list[tuple[str, float]]]:
-    """`nbest` (text, score) pairs per input line, in input order; an empty line gives empty output."""
+              progress: bool = False, bf16: bool | None = None) -> list[list[tuple[str, float]]]:
+    """`nbest` (text, score) pairs per input line, in input order; an empty line gives empty output.
+    `bf16` None: bf16 where the CPU runs it natively (see `decoding_bf16`)."""
     if beam < 1 or nbest < 1 or nbest > beam:
         raise ValueError(f"need 1 <= nbest ({nbest}) <= beam ({beam})")
-    model.eval()
+    bf16 = decoding_bf16(bf16)
     ids = tokenizer.encode([line.strip() for line in lines])
     results: list[list[tuple[str, float]]] = [[("", 0.0)] * nbest for _ in lines]
     order = sorted((i for i in range(len(lines)) if ids[i]), key=lambda i: -len(ids[i]))
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     for batch in tqdm(batches, desc="translating", unit="batch", disable=not progress, leave=False):
         src, src_len = pad([ids[i] for i in batch], PAD, eos=EOS)
-        with autocast(bf16):
+        with decoding(model, bf16):
             state = model.start(src, src_len)
             first = torch.full((len(batch),), BOS, dtype=torch.long)
             max_lens = max_output_lengths(src_len - 1, max_len_ratio)
@@ -56,27 +72,28 @@ def translate(model: Translator, tokenizer: SubwordTokenizer, lines: list[str], 
 @torch.no_grad()
 def generate(model: CharLM, vocab: CharVocab, prompts: list[str], max_chars: int, temperature: float = 1.0,
              top_k: int = 0, top_p: float = 1.0, beam: int = 0, length_penalty: float = 1.0,
-             seed: int | None = None, on_text=None) -> list[str]:
+             seed: int | None = None, on_text=None, bf16: bool | None = None) -> list[str]:
     """A continuation of each prompt (prompts of one length, decoded as one batch).
 
     beam > 0 gives the length-normalised beam-search best; otherwise sampling (temperature 0:
-    greedy). `on_text(piece)` receives the characters of a single prompt as they come.
+    greedy). `on_text(piece)` receives the characters of a single prompt as they come. `bf16`
+    None: bf16 where the CPU runs it natively; a seed repeats its sample within one mode.
     """
-    model.eval()
     prompts = [p or "\n" for p in prompts]  # an empty prompt starts as after a line break
     if len({len(p) for p in prompts}) > 1:
         raise ValueError("prompts decoded together must have the same length")
     ids = torch.tensor([vocab.encode(p, warn=True) for p in prompts], dtype=torch.long)
-    state, first = model.start(ids), ids[:, -1]
-    if beam > 0:
-        best = search.beam_search(model, state, first, max_chars, beam, length_penalty=length_penalty)
-        return [vocab.decode(hyps[0].tokens) for hyps in best]
-    generator = torch.Generator().manual_seed(seed) if seed is not None else None
-    on_step = None
-    if on_text is not None and len(prompts) == 1:
-        on_step = lambda rows, tokens: on_text(vocab.decode(tokens.tolist()))  # noqa: E731
-    hyps = search.sample(model, state, first, max_chars, temperature=temperature, top_k=top_k, top_p=top_p,
-                         generator=generator, on_step=on_step)
+    with decoding(model, decoding_bf16(bf16)):
+        state, first = model.start(ids), ids[:, -1]
+        if beam > 0:
+            best = search.beam_search(model, state, first, max_chars, beam, length_penalty=length_penalty)
+            return [vocab.decode(hyps[0].tokens) for hyps in best]
+        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        on_step = None
+        if on_text is not None and len(prompts) == 1:
+            on_step = lambda rows, tokens: on_text(vocab.decode(tokens.tolist()))  # noqa: E731
+        hyps = search.sample(model, state, first, max_chars, temperature=temperature, top_k=top_k, top_p=top_p,
+                             generator=generator, on_step=on_step)
     return [vocab.decode(h.tokens) for h in hyps]
 
 

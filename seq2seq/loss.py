@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import torch
 
-# fp32 values per chunk (1 MB: L2-sized): 64 rows of an 8k vocabulary, 4k rows of a character one
-CHUNK_ELEMENTS = 1 << 18
+# values per chunk (2 MB of fp32): 64 rows of an 8k vocabulary, 8k rows of a character one
+CHUNK_ELEMENTS = 1 << 19
 
 
 class _SmoothedCrossEntropy(torch.autograd.Function):

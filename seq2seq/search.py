@@ -1,10 +1,17 @@
 """Greedy search, beam search and sampling, written once for both models.
 
 A model offers three things (see `Translator` and `CharLM`):
-  `step(tokens (N,), state) -> (log_probs (N, V), state)`,
-  `reorder_state(state, index) -> state` (select/repeat batch rows), and a start state built by
+  `step(tokens (N,), state) -> (logits (N, V) fp32, state)`,
+  `reorder_state(state, rows, sentences) -> state` (select/repeat batch rows; what a model keeps
+  once per input, such as the translator's encoder states, by `sentences`, None for unchanged),
+  and a start state built by
   the caller with the first input tokens (BOS for the translator, the prompt's last character
-  for the language model). Rows whose sentence is finished are dropped from the batch.
+  for the language model).
+
+Decoding runs one model step per output position, so the work around each step is kept to a
+few tensor operations: tokens are recorded per step and cut at EOS once at the end, and rows
+whose sentence has finished stay in the batch (their outputs ignored) until a quarter of the
+batch has finished, instead of a state copy at every finish.
 """
 from __future__ import annotations
 
@@ -12,6 +19,9 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+
+# Finished rows are dropped from the state once they are this share of it.
+SHRINK_SHARE = 0.25
 
 
 @dataclass
@@ -26,44 +36,68 @@ def _as_lengths(max_lens, batch: int) -> torch.Tensor:
     return torch.as_tensor(max_lens, dtype=torch.long).clone()
 
 
+def _token_log_probs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits)[tokens], without writing the whole log-softmax."""
+    return logits.gather(1, tokens.unsqueeze(1)).squeeze(1) - logits.logsumexp(-1)
+
+
 def _decode(model, state, first_tokens: torch.Tensor, max_lens, eos: int | None,
             choose: Callable[[torch.Tensor], torch.Tensor],
             on_step: Callable[[torch.Tensor, torch.Tensor], None] | None = None) -> list[Hypothesis]:
-    """One token per step per row, `choose(log_probs) -> tokens`, until EOS or the row's max length."""
+    """One token per step per row, `choose(logits) -> tokens`, until EOS or the row's max length."""
     batch = first_tokens.size(0)
     max_lens = _as_lengths(max_lens, batch)
     steps = int(max_lens.max()) if batch else 0
-    seqs = torch.full((batch, max(steps, 1)), -1, dtype=torch.long)
-    scores = torch.zeros(batch, dtype=torch.float64)
-    active, tokens = torch.arange(batch), first_tokens
+    rows = torch.arange(batch)  # the sentence each row of the state decodes
+    row_max = max_lens.clone()
+    finished = torch.zeros(batch, dtype=torch.bool)
+    n_finished = 0
+    record: list[tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]] = []  # rows, tokens, log-probs
+    tokens = first_tokens
     for t in range(steps):
-        log_probs, state = model.step(tokens, state)
-        tokens = choose(log_probs)
-        seqs[active, t] = tokens
-        scores[active] += log_probs.gather(1, tokens.unsqueeze(1)).squeeze(1).double()
+        logits, state = model.step(tokens, state)
+        tokens = choose(logits)
+        if not record or record[-1][0] is not rows:
+            record.append((rows, [], []))
+        record[-1][1].append(tokens)
+        record[-1][2].append(_token_log_probs(logits, tokens))
         if on_step is not None:
-            on_step(active, tokens)
-        done = t + 1 >= max_lens[active]
+            live = (~finished).nonzero().squeeze(1)
+            on_step(rows[live], tokens[live])
+        finished |= t + 1 >= row_max
         if eos is not None:
-            done |= tokens == eos
-        if done.any():
-            keep = (~done).nonzero().squeeze(1)
-            active, tokens = active[keep], tokens[keep]
-            if not active.numel():
-                break
-            state = model.reorder_state(state, keep)
+            finished |= tokens == eos
+        n_finished = int(finished.sum())
+        if n_finished == rows.numel():
+            break
+        if n_finished >= SHRINK_SHARE * rows.numel():
+            keep = (~finished).nonzero().squeeze(1)
+            rows, row_max, tokens, finished = rows[keep], row_max[keep], tokens[keep], finished[keep]
+            state = model.reorder_state(state, keep, keep)
+
+    # assemble: every step's tokens, then each row cut after its first EOS or at its max length
+    seqs = torch.full((batch, max(steps, 1)), -1, dtype=torch.long)
+    log_probs = torch.zeros(batch, max(steps, 1), dtype=torch.float64)
+    t = 0
+    for rows_then, token_steps, logp_steps in record:
+        span = slice(t, t + len(token_steps))
+        seqs[rows_then, span] = torch.stack(token_steps, 1)
+        log_probs[rows_then, span] = torch.stack(logp_steps, 1).double()
+        t += len(token_steps)
     out = []
-    for row, score in zip(seqs.tolist(), scores.tolist()):
-        row = [tok for tok in row if tok >= 0]
-        if eos is not None and eos in row:
-            row = row[: row.index(eos)]
-        out.append(Hypothesis(row, score))
+    for row, logp, limit in zip(seqs.tolist(), log_probs.tolist(), max_lens.tolist()):
+        end = min(limit, len(row))
+        if eos is not None and eos in row[:end]:
+            end = row.index(eos) + 1
+            out.append(Hypothesis(row[: end - 1], sum(logp[:end])))
+        else:
+            out.append(Hypothesis(row[:end], sum(logp[:end])))
     return out
 
 
 @torch.no_grad()
 def greedy(model, state, first_tokens, max_lens, eos: int | None = None) -> list[Hypothesis]:
-    return _decode(model, state, first_tokens, max_lens, eos, lambda lp: lp.argmax(-1))
+    return _decode(model, state, first_tokens, max_lens, eos, lambda logits: logits.argmax(-1))
 
 
 @torch.no_grad()
@@ -72,10 +106,10 @@ def sample(model, state, first_tokens, max_lens, eos: int | None = None, tempera
            on_step=None) -> list[Hypothesis]:
     """Ancestral sampling with temperature, top-k and nucleus (top-p) filtering; temperature 0 is greedy."""
     if temperature <= 0:
-        return _decode(model, state, first_tokens, max_lens, eos, lambda lp: lp.argmax(-1), on_step)
+        return _decode(model, state, first_tokens, max_lens, eos, lambda logits: logits.argmax(-1), on_step)
 
-    def choose(log_probs: torch.Tensor) -> torch.Tensor:
-        logits = log_probs / temperature
+    def choose(logits: torch.Tensor) -> torch.Tensor:
+        logits = logits / temperature
         if 0 < top_k < logits.size(-1):
             kth = logits.topk(top_k, dim=-1).values[:, -1:]
             logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -99,14 +133,15 @@ def beam_search(model, state, first_tokens, max_lens, beam_size: int, eos: int |
     the top K are set aside as finished (fairseq's rule), the best K others go on. A sentence is
     done when K hypotheses have finished or it reaches its max length (then its top K are
     finished as they are). Scores are log-probabilities divided by length ** length_penalty,
-    the length counting the EOS.
+    the length counting the EOS. The best 2K of a sentence are among the best 2K of each beam,
+    so each row's candidates are cut to its own top 2K before the sentence-wide choice.
     """
     if nbest > beam_size:
         raise ValueError(f"nbest ({nbest}) cannot exceed the beam size ({beam_size})")
     batch, k = first_tokens.size(0), beam_size
     max_lens = _as_lengths(max_lens, batch)
     expand = torch.arange(batch).repeat_interleave(k)
-    state = model.reorder_state(state, expand)
+    state = model.reorder_state(state, expand, None)
     tokens = first_tokens.index_select(0, expand)
     scores = torch.full((batch, k), float("-inf"))
     scores[:, 0] = 0.0
@@ -117,12 +152,16 @@ def beam_search(model, state, first_tokens, max_lens, beam_size: int, eos: int |
     length = 0
     while active.numel():
         length += 1
-        log_probs, state = model.step(tokens, state)
-        n, vocab = active.numel(), log_probs.size(-1)
-        candidates = (scores.view(-1, 1) + log_probs).view(n, k * vocab)
+        logits, state = model.step(tokens, state)
+        n, vocab = active.numel(), logits.size(-1)
         width = min(2 * k, k * vocab)
+        row_top, row_tokens = logits.topk(min(width, vocab), dim=1)  # (n*k, w)
+        row_log_probs = row_top - logits.logsumexp(-1, keepdim=True)
+        candidates = (scores.view(-1, 1) + row_log_probs).view(n, -1)
         top_scores, top_ids = candidates.topk(width, dim=1)
-        origin, top_tokens = top_ids // vocab, top_ids % vocab
+        per_row = row_tokens.size(1)
+        origin = top_ids // per_row
+        top_tokens = row_tokens.view(n, -1).gather(1, top_ids)
         is_eos = top_tokens == eos if eos is not None else torch.zeros_like(top_tokens, dtype=torch.bool)
         last_step = length >= max_lens[active]
         in_top_k = torch.arange(width) < k
@@ -145,7 +184,7 @@ def beam_search(model, state, first_tokens, max_lens, beam_size: int, eos: int |
         active, scores = active[keep], alive_scores[keep]
         if not active.numel():
             break
-        state = model.reorder_state(state, rows_kept)
+        state = model.reorder_state(state, rows_kept, keep if keep.numel() < n else None)
         seqs = torch.cat([seqs[rows_kept], next_tokens.view(-1, 1)], dim=1)
         tokens = next_tokens.view(-1)
     return [sorted(hyps, key=lambda h: -h.score)[:nbest] for hyps in finished]

@@ -110,6 +110,32 @@ def test_empty_and_overlong_pairs_are_dropped_and_counted(tmp_path):
     assert "train: dropped 1 pair(s) longer than 50 tokens" in result.stderr
 
 
+def test_training_on_two_corpora_of_different_formats(tmp_path):
+    en = (SAMPLE_DIR / "sample/tiny.en").read_text(encoding="utf-8").splitlines()
+    fr = (SAMPLE_DIR / "sample/tiny.fr").read_text(encoding="utf-8").splitlines()
+    (tmp_path / "a.tsv").write_text("".join(f"{s}\t{t}\n" for s, t in zip(en[:12], fr[:12])), encoding="utf-8")
+    (tmp_path / "b.en").write_text("".join(s + "\n" for s in en[12:]), encoding="utf-8")
+    (tmp_path / "b.fr").write_text("".join(t + "\n" for t in fr[12:]), encoding="utf-8")
+    preset = tmp_path / "two.toml"
+    preset.write_text('kind = "translator"\n[data]\nformat = "parallel"\n'
+                      'train = [{ path = "a.tsv", format = "tsv" }, { path = "b" }]\n'
+                      'dev = [{ path = "a.tsv", format = "tsv", max_sentences = 3 },\n'
+                      '       { path = "b", max_sentences = 3 }]\n'
+                      'vocab_size = 100\n[model]\nemb_dim = 8\nenc_hidden = 8\nenc_layers = 1\ndec_hidden = 8\n'
+                      '[train]\nbf16 = false\n', encoding="utf-8")
+    result = run_cli("train", "translator", "--preset", preset, "--data-dir", tmp_path, "--output", tmp_path / "out",
+                     "--set", "train.max_epochs=1")
+    assert result.returncode == 0, result.stderr
+    for line in ("train: 12 pairs from a.tsv (tsv)", "train: 8 pairs from b (parallel)",
+                 "dev: 3 pairs from a.tsv (tsv, the first of 12)", "dev: 3 pairs from b (parallel, the first of 8)",
+                 "train: 20 pairs"):
+        assert line in result.stderr, result.stderr
+    saved = json.loads((tmp_path / "out" / "config.json").read_text(encoding="utf-8"))
+    assert saved["data"]["train"] == [{"path": "a.tsv", "format": "tsv"}, {"path": "b"}]
+    bad = run_cli("train", "translator", "--preset", preset, "--set", 'data.dev=[{ path = "b", max = 3 }]')
+    assert_one_line_error(bad, "[data] dev[0]: unknown key(s) max; known: path, format, max_sentences")
+
+
 def test_missing_file_unknown_preset_and_bad_settings(tiny_model, tmp_path):
     assert_one_line_error(run_cli("translate", "-m", tiny_model, "-i", tmp_path / "nope.en"), "nope.en: file not found")
     assert_one_line_error(run_cli("train", "translator", "--preset", "nope"), "unknown preset 'nope'", "multi30k-en-fr")

@@ -110,7 +110,8 @@ def test_sampling_top_k_one_equals_greedy_and_seed_repeats():
 def test_top_k_and_top_p_restrict_the_support():
     model = small_charlm(seed=15)
     prompt = torch.full((64, 3), 5)
-    log_probs, _ = model.step(prompt[:, -1], model.start(prompt))
+    logits, _ = model.step(prompt[:, -1], model.start(prompt))
+    log_probs = logits.log_softmax(-1)
     allowed_k = set(log_probs[0].topk(3).indices.tolist())
     out = search.sample(model, model.start(prompt), prompt[:, -1], 1, top_k=3, generator=torch.Generator().manual_seed(0))
     assert {h.tokens[0] for h in out} <= allowed_k

@@ -42,8 +42,8 @@ def test_step_interface_reproduces_teacher_forced_log_probs():
     expected = torch.log_softmax(model(src, src_len, tgt_in), -1)
     state = model.start(src, src_len)
     for t in range(tgt_in.size(1)):
-        log_probs, state = model.step(tgt_in[:, t], state)
-        assert torch.allclose(log_probs, expected[:, t], atol=1e-5)
+        logits, state = model.step(tgt_in[:, t], state)
+        assert torch.allclose(logits.log_softmax(-1), expected[:, t], atol=1e-5)
 
 
 def test_teacher_forcing_zero_feeds_back_greedy_predictions():

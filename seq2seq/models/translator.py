@@ -7,11 +7,11 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from seq2seq.config import TranslatorModel
 from seq2seq.models.attention import Attention
-from seq2seq.models.rnn import Dropout, make_rnn, rnn_step, select_rows
+from seq2seq.models.rnn import Dropout, StepDecoding, make_rnn, select_rows
 from seq2seq.tokenizer import PAD
 
 
-class Translator(nn.Module):
+class Translator(StepDecoding, nn.Module):
     """Embeddings are shared by source and target (the vocabulary is joint) and, with
     `tie_embeddings`, by the output projection: the attentional layer outputs `emb_dim` values
     for that reason."""
@@ -61,21 +61,38 @@ class Translator(nn.Module):
         x = self.dropout(self.embed(tokens))
         if self.cfg.input_feeding:
             x = torch.cat([x, state["feed"].to(x.dtype)], dim=-1)
-        dec_out, hidden = rnn_step(self.decoder, x, state["hidden"])
-        attentional, _ = self._attend(dec_out.unsqueeze(1), state)
+        dec_out, hidden = self.rnn_step(x, state["hidden"])
+        # rows may be a sentence's K beams: they attend to its one copy of the encoder states together
+        sentences = state["memory"].size(0)
+        attentional, _ = self._attend(dec_out.view(sentences, dec_out.size(0) // sentences, -1), state)
+        attentional = attentional.view(dec_out.size(0), -1)
         state = dict(state, hidden=hidden)
         if self.cfg.input_feeding:
-            state["feed"] = attentional.squeeze(1)
-        return self.out(self.dropout(attentional.squeeze(1))), state
+            state["feed"] = attentional
+        return self.out(self.dropout(attentional)), state
+
+    @property
+    def step_rnn(self) -> nn.RNNBase:
+        return self.decoder
 
     def step(self, tokens: torch.Tensor, state: dict) -> tuple[torch.Tensor, dict]:
+        """Next-token logits (N, V) in fp32 for tokens (N,)."""
         logits, state = self._step_logits(tokens, state)
-        return torch.log_softmax(logits.float(), dim=-1), state
+        return logits.float(), state
 
     @staticmethod
-    def reorder_state(state: dict, index: torch.Tensor) -> dict:
-        return {key: select_rows(value, index) if key == "hidden" else value.index_select(0, index)
-                for key, value in state.items()}
+    def reorder_state(state: dict, rows: torch.Tensor, sentences: torch.Tensor | None = None) -> dict:
+        """Decoder rows by `rows`; the encoder states, one copy per sentence, by `sentences`
+        (None: the sentences are unchanged, as when a sentence's beams are reordered)."""
+        out = {}
+        for key, value in state.items():
+            if key == "hidden":
+                out[key] = select_rows(value, rows)
+            elif key == "feed":
+                out[key] = value.index_select(0, rows)
+            else:
+                out[key] = value if sentences is None else value.index_select(0, sentences)
+        return out
 
     def forward(self, src, src_len, tgt_in, teacher_forcing: float = 1.0, step_loop: bool = False) -> torch.Tensor:
         """Teacher-forced logits (B, T, V) for the decoder inputs tgt_in (BOS y1 .. y_{T-1}).
