@@ -1,21 +1,28 @@
 #!/usr/bin/env python
 """Speed benchmarks, printed as one JSON object.
 
-  python scripts/benchmark.py translator-train   [--preset multi30k-en-fr] [--repeats 3] [--steps 20]
-  python scripts/benchmark.py translator-decode  -m checkpoints/m30k [--src test.en] [--repeats 3]
-  python scripts/benchmark.py charlm-train       [--preset tinyshakespeare]
-  python scripts/benchmark.py charlm-generate    -m checkpoints/shakespeare
+  python scripts/benchmark.py all --json [--quick]          # everything below, one object
+  python scripts/benchmark.py translator-train  [--preset multi30k-en-fr]
+  python scripts/benchmark.py charlm-train      [--preset tinyshakespeare]
+  python scripts/benchmark.py translator-decode [-m checkpoints/en-fr] [--src test.en --ref test.fr]
+  python scripts/benchmark.py charlm-generate   [-m checkpoints/shakespeare]
+  python scripts/benchmark.py reference          # ../shared/bench/plain_reference.py, same process
 
-Training variants (fp32 / bf16 autocast, loop-free / step loop / input feeding) run side by side
-in one process on the same batches, so their ratios hold even on a noisy machine; each number is
-the median of --repeats runs.
+Training runs the real training step (`Trainer.train_step`) on real batches of epoch 2, after a
+warm-up; decoding translates the whole test set in each inference mode; each rate is the median
+of --repeats runs. `gflops` comes from the analytic FLOP counts below (useful work: real tokens,
+no padding; a backward pass counts twice its forward), and `mfu` divides it by the measured matrix
+product peak of the same precision (`gemm_peak_gflops`). Speed ratios only hold between runs on
+one machine, one right after the other: `all` runs the plain reference in the same process.
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -23,89 +30,213 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from seq2seq import checkpoint, inference  # noqa: E402
+from seq2seq import checkpoint, cpu, inference  # noqa: E402
 from seq2seq.config import default_data_dir, load_preset  # noqa: E402
-from seq2seq.train import TASKS  # noqa: E402
+from seq2seq.metrics import bleu_chrf  # noqa: E402
+from seq2seq.train import Trainer  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
-def median_rate(fn, repeats: int) -> float:
-    rates = []
+# -- analytic FLOP counts (multiply-adds count 2) ----------------------------------------------
+def rnn_flops(cell: str, input_size: int, hidden: int) -> int:
+    """One step of one cell: gate matrices on input and hidden state."""
+    gates = {"lstm": 4, "gru": 3, "rnn": 1}[cell]
+    return 2 * gates * hidden * (input_size + hidden)
+
+
+def translator_forward_flops(m, vocab: int, src_tokens: int, tgt_tokens: int, src_len: float) -> float:
+    """Forward pass of the translator over real tokens; `src_len` the mean source length (attention)."""
+    enc = 0
+    for layer in range(m.enc_layers):
+        enc += 2 * rnn_flops(m.cell, m.emb_dim if layer == 0 else 2 * m.enc_hidden, m.enc_hidden)
+    memory = 2 * m.enc_hidden
+    key = 2 * memory * m.dec_hidden if m.attention == "general" else 0
+    dec_in = m.emb_dim * (2 if m.input_feeding else 1)
+    dec = sum(rnn_flops(m.cell, dec_in if layer == 0 else m.dec_hidden, m.dec_hidden) for layer in range(m.dec_layers))
+    attend = 2 * src_len * m.dec_hidden + 2 * src_len * memory
+    per_target = dec + attend + 2 * (memory + m.dec_hidden) * m.emb_dim + 2 * m.emb_dim * vocab
+    return src_tokens * (enc + key) + tgt_tokens * per_target
+
+
+def charlm_forward_flops(m, vocab: int, chars: int) -> float:
+    per_char = sum(rnn_flops(m.cell, m.emb_dim if layer == 0 else m.hidden, m.hidden) for layer in range(m.layers))
+    out_in = m.emb_dim if m.tie_embeddings and m.hidden != m.emb_dim else m.hidden
+    if out_in != m.hidden:
+        per_char += 2 * m.hidden * out_in
+    return chars * (per_char + 2 * out_in * vocab)
+
+
+# -- measuring -----------------------------------------------------------------------------------
+def median_rate(fn, repeats: int) -> tuple[float, float]:
+    """(median units per second, units of one run)."""
+    rates, units = [], 0
     for _ in range(repeats):
         start = time.perf_counter()
         units = fn()
         rates.append(units / (time.perf_counter() - start))
-    return round(statistics.median(rates), 1)
+    return statistics.median(rates), units
 
 
-def train_rates(kind: str, preset: str, variants: dict[str, list[str]], steps: int, repeats: int, data_dir: Path) -> dict:
-    results = {}
-    base = load_preset(preset, kind, [])
-    task = TASKS[kind](base, data_dir)
-    batches = task.batches(0)[: steps + 2]
-    for name, overrides in variants.items():
-        cfg = load_preset(preset, kind, overrides)
-        task.cfg = cfg
-        torch.manual_seed(0)
-        task.model = checkpoint.build(cfg, task.tokenizer).train()
-        optimizer = torch.optim.Adam(task.model.parameters(), lr=1e-4)
+def gemm_peak(quick: bool) -> dict:
+    size = 1024 if quick else 2048
+    peak = {}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+        a @ b
+        best = 0.0
+        for _ in range(5):
+            start = time.perf_counter()
+            for _ in range(4):
+                a @ b
+            best = max(best, 4 * 2 * size**3 / (time.perf_counter() - start) / 1e9)
+        peak[name] = round(best, 1)
+    return peak
 
-        def run(batch_list):
-            units = 0
-            for batch in batch_list:
-                loss, count = task.loss(batch)
-                optimizer.zero_grad(set_to_none=True)
-                (loss / count).backward()
-                torch.nn.utils.clip_grad_norm_(task.model.parameters(), 1.0)
-                optimizer.step()
-                units += count
-            return units
 
-        run(batches[:2])  # warm-up
-        results[name] = median_rate(lambda: run(batches[2:]), repeats)
-    return results
+def rate_record(rate: float, unit: str, precision: str, flops_per_unit: float, peak: dict | None) -> dict:
+    gflops = rate * flops_per_unit / 1e9
+    record = {unit: round(rate, 1), "precision": precision, "gflops": round(gflops, 1)}
+    if peak:
+        record["mfu"] = round(gflops / peak[precision], 3)
+    return record
+
+
+def train_bench(kind: str, preset: str, data_dir: Path, steps: int, repeats: int, peak: dict | None) -> dict:
+    """The real training step on `steps` real batches of epoch 2, bf16 and fp32."""
+    out = {"preset": preset}
+    for precision in ("bf16", "fp32"):
+        cfg = load_preset(preset, kind, [f"train.bf16={'true' if precision == 'bf16' else 'false'}"])
+        with tempfile.TemporaryDirectory() as tmp:
+            trainer = Trainer(cfg, data_dir, Path(tmp) / "run", None, False)
+            trainer.model.train()
+            batches = trainer.task.batches(1)[: steps + 3]
+
+            def run(batch_list):
+                return sum(trainer.train_step(batch)[1] for batch in batch_list)
+
+            run(batches[:3])  # warm-up: caches, allocator, oneDNN kernels
+            rate, units = median_rate(lambda: run(batches[3:]), repeats)
+            m, vocab = cfg.model, len(trainer.task.tokenizer)
+            if kind == "translator":
+                src = sum(len(s) + 1 for b in batches[3:] for s in b[0])
+                flops = 3 * translator_forward_flops(m, vocab, src, units, src / sum(len(b[0]) for b in batches[3:]))
+                unit = "target_tokens_per_s"
+            else:
+                flops = 3 * charlm_forward_flops(m, vocab, units)
+                unit = "chars_per_s"
+            out[precision] = rate_record(rate, unit, precision, flops / units, peak)
+    out["sizes"] = {k: v for k, v in vars(cfg.model).items()}
+    return out
+
+
+def decode_bench(model_dir: Path, src: Path, ref: Path | None, repeats: int, peak: dict | None, quick: bool) -> dict:
+    cfg, model, tokenizer = checkpoint.load(model_dir)
+    lines = src.read_text(encoding="utf-8").splitlines()
+    refs = ref.read_text(encoding="utf-8").splitlines() if ref and ref.is_file() else None
+    if quick:
+        lines, refs = lines[:300], refs[:300] if refs else None
+    out = {"model": str(model_dir), "sentences": len(lines), "default_bf16": inference.decoding_bf16(None)}
+    src_tokens = sum(len(ids) + 1 for ids in tokenizer.encode(lines))
+    for beam in (1, 5):
+        for precision in ("bf16", "fp32"):
+            hyps = []
+
+            def run():
+                hyps[:] = inference.translate(model, tokenizer, lines, beam=beam, bf16=precision == "bf16")
+                return len(lines)
+
+            rate, _ = median_rate(run, repeats)
+            out_tokens = sum(len(ids) + 1 for ids in tokenizer.encode([h[0][0] for h in hyps]))
+            # rows decoded: beam search runs K rows a sentence
+            flops = translator_forward_flops(cfg.model, len(tokenizer), src_tokens, beam * out_tokens, src_tokens / len(lines))
+            record = rate_record(rate, "sentences_per_s", precision, flops / len(lines), peak)
+            if refs:
+                record["bleu"] = bleu_chrf([h[0][0] for h in hyps], refs)["bleu"]
+            out[f"beam{beam}_{precision}"] = record
+    return out
+
+
+def generate_bench(model_dir: Path, repeats: int, peak: dict | None, quick: bool) -> dict:
+    cfg, model, vocab = checkpoint.load(model_dir)
+    chars = 200 if quick else 500
+    out = {"model": str(model_dir), "chars": chars}
+    for streams in (1, 32):
+        for precision in ("bf16", "fp32"):
+            def run():
+                texts = inference.generate(model, vocab, ["ROMEO:"] * streams, chars, temperature=0.8, seed=1,
+                                           bf16=precision == "bf16")
+                return sum(map(len, texts))
+
+            rate, _ = median_rate(run, repeats)
+            out[f"{streams}_stream{'s' if streams > 1 else ''}_{precision}"] = rate_record(
+                rate, "chars_per_s", precision, charlm_forward_flops(cfg.model, len(vocab), 1), peak)
+    return out
+
+
+def reference_bench(repeats: int) -> dict:
+    path = ROOT.parent / "shared" / "bench" / "plain_reference.py"
+    if not path.is_file():
+        return {"skipped": f"{path} not found"}
+    spec = importlib.util.spec_from_file_location("plain_reference", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return {"path": str(path),
+            "translator_target_tokens_per_s": round(statistics.median(module.translator() for _ in range(repeats)), 1),
+            "charlm_chars_per_s": round(statistics.median(module.charlm() for _ in range(repeats)), 1)}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["translator-train", "translator-decode", "charlm-train", "charlm-generate"])
-    p.add_argument("--preset")
-    p.add_argument("-m", "--model", type=Path)
+    p.add_argument("what", choices=["all", "translator-train", "charlm-train", "translator-decode", "charlm-generate",
+                                    "reference"])
+    p.add_argument("--json", action="store_true", help="one JSON object (the default output, kept for scripts)")
+    p.add_argument("--quick", action="store_true", help="fewer steps and sentences: under 2 minutes")
+    p.add_argument("--preset", help="training benchmarks: the preset (default multi30k-en-fr / tinyshakespeare)")
+    p.add_argument("-m", "--model", type=Path, help="decoding: model folder (default checkpoints/en-fr)")
+    p.add_argument("--lm", type=Path, help="generation: model folder (default checkpoints/shakespeare)")
     p.add_argument("--src", type=Path, help="sentences to decode (default: Multi30k test_2016_flickr.en)")
+    p.add_argument("--ref", type=Path, help="their references, for BLEU (default: the matching .fr)")
     p.add_argument("--data-dir", type=Path, default=default_data_dir())
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--steps", type=int, help="training steps a repeat (default 20, quick 6)")
+    p.add_argument("--repeats", type=int, help="runs a measurement (median; default 3, quick 1)")
     p.add_argument("--threads", type=int, default=0)
     args = p.parse_args()
+    cpu.tune_allocator()
     torch.set_num_threads(args.threads or torch.get_num_threads())
-    out = {"benchmark": args.what, "threads": torch.get_num_threads(), "torch": torch.__version__}
-
-    if args.what == "translator-train":
-        out["preset"] = preset = args.preset or "multi30k-en-fr"
-        variants = {"fp32": ["train.bf16=false"], "bf16": ["train.bf16=true"],
-                    "bf16_step_loop": ["train.bf16=true", "train.teacher_forcing=0.999999"],
-                    "bf16_input_feeding": ["train.bf16=true", "model.input_feeding=true"]}
-        out["target_tokens_per_s"] = train_rates("translator", preset, variants, args.steps, args.repeats, args.data_dir)
-    elif args.what == "charlm-train":
-        out["preset"] = preset = args.preset or "tinyshakespeare"
-        variants = {"fp32": ["train.bf16=false"], "bf16": ["train.bf16=true"]}
-        out["chars_per_s"] = train_rates("charlm", preset, variants, args.steps, args.repeats, args.data_dir)
-    elif args.what == "translator-decode":
-        _, model, tokenizer = checkpoint.load(args.model)
+    steps = args.steps or (6 if args.quick else 20)
+    repeats = args.repeats or (1 if args.quick else 3)
+    out = {"benchmark": args.what, "config": cpu.describe()}
+    everything = args.what == "all"
+    peak = gemm_peak(args.quick)
+    out["gemm_peak_gflops"] = peak
+    if everything or args.what == "reference":
+        out["plain_reference"] = reference_bench(repeats)
+    if everything or args.what == "translator-train":
+        out["translator_train"] = train_bench("translator", args.preset or "multi30k-en-fr", args.data_dir, steps,
+                                              repeats, peak)
+    if everything or args.what == "charlm-train":
+        out["charlm_train"] = train_bench("charlm", args.preset if args.what == "charlm-train" and args.preset
+                                          else "tinyshakespeare", args.data_dir, max(2, steps // 3), repeats, peak)
+    if everything or args.what == "translator-decode":
+        model = args.model or ROOT / "checkpoints" / "en-fr"
         src = args.src or args.data_dir / "multi30k-en-fr" / "test_2016_flickr.en"
-        lines = src.read_text(encoding="utf-8").splitlines()
-        out.update(model=str(args.model), sentences=len(lines))
-        for beam in (1, 5):
-            for bf16 in (False, True):
-                rate = median_rate(lambda: len(inference.translate(model, tokenizer, lines, beam=beam, bf16=bf16)),
-                                   args.repeats)
-                out[f"sentences_per_s_beam{beam}{'_bf16' if bf16 else ''}"] = rate
-    else:
-        _, model, vocab = checkpoint.load(args.model)
-        out["model"] = str(args.model)
-        for streams in (1, 32):
-            out[f"chars_per_s_{streams}_stream{'s' if streams > 1 else ''}"] = median_rate(
-                lambda: streams * len(inference.generate(model, vocab, ["ROMEO:"] * streams, 500, temperature=0.8,
-                                                         seed=1)[0]), args.repeats)
+        ref = args.ref or (src.with_suffix(".fr") if src.suffix == ".en" else None)
+        if (model / "config.json").is_file() and src.is_file():
+            out["translator_decode"] = decode_bench(model, src, ref, repeats, peak, args.quick)
+        else:
+            out["translator_decode"] = {"skipped": f"no model at {model} or no {src}"}
+    if everything or args.what == "charlm-generate":
+        lm = args.lm or (args.model if args.what == "charlm-generate" and args.model else ROOT / "checkpoints" / "shakespeare")
+        out["charlm_generate"] = (generate_bench(lm, repeats, peak, args.quick) if (lm / "config.json").is_file()
+                                  else {"skipped": f"no model at {lm}"})
+    ref = out.get("plain_reference", {})
+    if "translator_train" in out and "translator_target_tokens_per_s" in ref:
+        out["translator_train"]["vs_plain_reference"] = round(
+            out["translator_train"]["bf16"]["target_tokens_per_s"] / ref["translator_target_tokens_per_s"], 3)
+    if "charlm_train" in out and "charlm_chars_per_s" in ref:
+        out["charlm_train"]["vs_plain_reference"] = round(
+            out["charlm_train"]["bf16"]["chars_per_s"] / ref["charlm_chars_per_s"], 3)
     print(json.dumps(out))
 
 

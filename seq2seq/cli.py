@@ -43,7 +43,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the run saved in --output")
 
     p = sub.add_parser("translate", help="translate sentences (arguments, -i FILE, or standard input)")
-    p.add_argument("-m", "--model", required=True, type=Path)
+    p.add_argument("-m", "--model", type=Path, help="model folder (default: the released translator, checkpoints/en-fr)")
     p.add_argument("text", nargs="*", help="sentences to translate")
     p.add_argument("-i", "--input", type=Path, help="one sentence per line")
     p.add_argument("-o", "--output", type=Path, help="write here instead of standard output")
@@ -54,7 +54,8 @@ def parser() -> argparse.ArgumentParser:
                         "length ** length-penalty when --beam > 1)")
 
     p = sub.add_parser("generate", help="generate text from a prompt with a character model")
-    p.add_argument("-m", "--model", required=True, type=Path)
+    p.add_argument("-m", "--model", type=Path,
+                   help="model folder (default: the released character model, checkpoints/shakespeare)")
     p.add_argument("--prompt", default="")
     p.add_argument("--max-chars", type=positive_int, default=400)
     p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
@@ -64,11 +65,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--beam", type=nonnegative_int, default=0, help="beam search (length-normalised) instead of sampling")
     p.add_argument("--length-penalty", type=float, default=1.0)
     p.add_argument("--seed", type=int)
+    add_precision_arg(p)
 
     p = sub.add_parser("evaluate", help="BLEU/chrF of a translator; bits/char or continuation BLEU of a character model")
-    p.add_argument("-m", "--model", required=True, type=Path)
+    p.add_argument("-m", "--model", type=Path, help="model folder (default: the released model of the kind the "
+                   "inputs ask for: checkpoints/en-fr for --src/--ref or --tsv, checkpoints/shakespeare for --text)")
     p.add_argument("--src", type=Path, help="translator: source sentences")
     p.add_argument("--ref", type=Path, help="translator: reference translations")
+    p.add_argument("--tsv", type=Path, help="translator: a test set of source<TAB>reference lines")
     p.add_argument("--hyp-output", type=Path, help="translator: also write the translations here")
     add_decoding_args(p, beam_default=None)
     p.add_argument("--text", type=Path, help="character model: held-out text")
@@ -84,9 +88,20 @@ def parser() -> argparse.ArgumentParser:
 def add_decoding_args(p: argparse.ArgumentParser, beam_default: int | None = 5) -> None:
     p.add_argument("--beam", type=positive_int, default=beam_default,
                    help="beam size, 1 = greedy (default: 5 for translation, greedy for continuations)")
-    p.add_argument("--batch-size", type=positive_int, default=64, help="sentences decoded together")
+    p.add_argument("--batch-size", type=positive_int, help="sentences decoded together (default 320 / beam)")
     p.add_argument("--max-len-ratio", type=float, default=2.0, help="output at most R x source length + 10 tokens")
     p.add_argument("--length-penalty", type=float, default=1.0, help="scores divided by length ** this")
+    add_precision_arg(p)
+
+
+def add_precision_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
+                   help="decoding arithmetic; auto: bf16 where the CPU computes it natively (AVX-512 BF16, AMX), "
+                        "else fp32")
+
+
+def bf16_choice(args) -> bool | None:
+    return {"auto": None, "bf16": True, "fp32": False}[args.precision]
 
 
 def cmd_train(args) -> None:
@@ -143,9 +158,24 @@ def write_output(lines: list[str], path: Path | None) -> None:
     write_text_atomic(path, text)
 
 
-def load_kind(folder: Path, kind: str):
+RELEASED = {"translator": "en-fr", "charlm": "shakespeare"}
+
+
+def released_model(kind: str) -> Path:
+    """The model shipped in the project's checkpoints/ folder (or $SEQ2SEQ_MODELS) for `kind`."""
+    root = Path(os.environ.get("SEQ2SEQ_MODELS", Path(__file__).resolve().parent.parent / "checkpoints"))
+    folder = root / RELEASED[kind]
+    if not (folder / "config.json").is_file():
+        what = "translator" if kind == "translator" else "character model"
+        raise UserError(f"no -m given and the released {what} is missing ({folder}): pass -m MODEL_FOLDER, "
+                        f"or train one with `seq2seq train {kind} --preset ... --output {folder}`")
+    return folder
+
+
+def load_kind(folder: Path | None, kind: str):
     from seq2seq import checkpoint
 
+    folder = folder or released_model(kind)
     cfg, model, tokenizer = checkpoint.load(folder)
     if kind and cfg.kind != kind:
         raise UserError(f"{folder} holds a {cfg.kind} model; this command needs a {kind}")
@@ -161,7 +191,7 @@ def cmd_translate(args) -> None:
     lines = read_inputs(args)
     results = translate(model, tokenizer, lines, beam=args.beam, nbest=args.nbest, batch_size=args.batch_size,
                         max_len_ratio=args.max_len_ratio, length_penalty=args.length_penalty,
-                        progress=len(lines) > 1000)
+                        progress=len(lines) > 1000, bf16=bf16_choice(args))
     out = []
     for number, hyps in enumerate(results):
         for text, score in hyps:
@@ -191,7 +221,8 @@ def cmd_generate(args) -> None:
 
     texts = generate(model, vocab, [args.prompt] * args.num_samples, args.max_chars,
                      temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, beam=args.beam,
-                     length_penalty=args.length_penalty, seed=args.seed, on_text=on_text if stream else None)
+                     length_penalty=args.length_penalty, seed=args.seed, on_text=on_text if stream else None,
+                     bf16=bf16_choice(args))
     if stream:
         sys.stdout.write("\n")
         return
@@ -201,7 +232,9 @@ def cmd_generate(args) -> None:
 def cmd_evaluate(args) -> None:
     from seq2seq import checkpoint
 
-    cfg, model, tokenizer = checkpoint.load(args.model)
+    if args.text and (args.src or args.ref or args.tsv):
+        raise UserError("--text scores a character model, --src/--ref or --tsv a translator: give one kind")
+    cfg, model, tokenizer = checkpoint.load(args.model or released_model("charlm" if args.text else "translator"))
     started = time.perf_counter()
     if cfg.kind == "translator":
         result = evaluate_translator(args, model, tokenizer)
@@ -216,23 +249,30 @@ def cmd_evaluate(args) -> None:
 
 
 def evaluate_translator(args, model, tokenizer) -> dict:
-    from seq2seq.data import read_parallel_files
-    from seq2seq.inference import translate
+    from seq2seq.data import read_parallel_files, read_tsv
+    from seq2seq.inference import decoding_bf16, translate
     from seq2seq.metrics import bleu_chrf
 
-    if not args.src or not args.ref:
-        raise UserError("evaluating a translator needs --src and --ref")
-    pairs = read_parallel_files(args.src, args.ref)
+    if args.tsv and (args.src or args.ref):
+        raise UserError("give a test set as --tsv or as --src and --ref, not both")
+    if args.tsv:
+        pairs = read_tsv(args.tsv)
+    elif args.src and args.ref:
+        pairs = read_parallel_files(args.src, args.ref)
+    else:
+        raise UserError("evaluating a translator needs --src and --ref, or --tsv")
     started = time.perf_counter()
     beam = args.beam or 5
     hyps = translate(model, tokenizer, [s for s, _ in pairs], beam=beam, batch_size=args.batch_size,
-                     max_len_ratio=args.max_len_ratio, length_penalty=args.length_penalty, progress=True)
+                     max_len_ratio=args.max_len_ratio, length_penalty=args.length_penalty, progress=True,
+                     bf16=bf16_choice(args))
     seconds = time.perf_counter() - started
     texts = [h[0][0] for h in hyps]
     if args.hyp_output:
         write_output(texts, args.hyp_output)
     result = bleu_chrf(texts, [r for _, r in pairs])
-    result.update(beam=beam, sentences_per_s=round(len(texts) / max(seconds, 1e-9), 1))
+    result.update(beam=beam, precision="bf16" if decoding_bf16(bf16_choice(args)) else "fp32",
+                  sentences_per_s=round(len(texts) / max(seconds, 1e-9), 1))
     return result
 
 
@@ -254,7 +294,7 @@ def evaluate_charlm(args, model, vocab) -> dict:
     except ValueError as e:
         raise UserError(f"{args.text}: {e}") from None
     hyps = generate(model, vocab, [prompt for prompt, _ in passages], args.max_chars, temperature=args.temperature,
-                    beam=args.beam if args.beam and args.beam > 1 else 0, seed=args.seed)
+                    beam=args.beam if args.beam and args.beam > 1 else 0, seed=args.seed, bf16=bf16_choice(args))
     flat = lambda s: " ".join(s.split())  # noqa: E731  sacreBLEU scores lines: fold line breaks
     result = bleu_chrf([flat(h) for h in hyps], [flat(ref) for _, ref in passages])
     result.update(continuations=len(passages), prompt_chars=args.prompt_chars, max_chars=args.max_chars)

@@ -54,6 +54,7 @@ def _decode(model, state, first_tokens: torch.Tensor, max_lens, eos: int | None,
     n_finished = 0
     record: list[tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]] = []  # rows, tokens, log-probs
     tokens = first_tokens
+    first_limit = int(row_max.min()) if batch else 0  # without EOS no row ends before this step
     for t in range(steps):
         logits, state = model.step(tokens, state)
         tokens = choose(logits)
@@ -62,8 +63,10 @@ def _decode(model, state, first_tokens: torch.Tensor, max_lens, eos: int | None,
         record[-1][1].append(tokens)
         record[-1][2].append(_token_log_probs(logits, tokens))
         if on_step is not None:
-            live = (~finished).nonzero().squeeze(1)
+            live = (~finished).nonzero().squeeze(1) if n_finished else slice(None)
             on_step(rows[live], tokens[live])
+        if eos is None and t + 1 < first_limit:
+            continue
         finished |= t + 1 >= row_max
         if eos is not None:
             finished |= tokens == eos
@@ -74,6 +77,7 @@ def _decode(model, state, first_tokens: torch.Tensor, max_lens, eos: int | None,
             keep = (~finished).nonzero().squeeze(1)
             rows, row_max, tokens, finished = rows[keep], row_max[keep], tokens[keep], finished[keep]
             state = model.reorder_state(state, keep, keep)
+            n_finished, first_limit = 0, int(row_max.min())
 
     # assemble: every step's tokens, then each row cut after its first EOS or at its max length
     seqs = torch.full((batch, max(steps, 1)), -1, dtype=torch.long)

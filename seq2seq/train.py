@@ -168,21 +168,28 @@ TASKS = {"translator": TranslationTask, "charlm": CharLMTask}
 # The clock the loop reads; tests replace it with a fake one.
 clock = time.monotonic
 
-# Budget runs fix their step count after this many steps (or warmup_steps, if more), from the
-# measured seconds per step; the first fifth of them is skipped as warm-up of caches and allocator.
-PLAN_AFTER_STEPS = 30
+# A budget run measures its speed from PLAN_MEASURE_FROM of its budget (skipping the start, when
+# caches and the allocator's heap still grow) until PLAN_AT (or those shares of its max_epochs
+# ceiling, where it would reach that first), then fixes its total step count, so
+# that training and the final evaluation end as the budget is spent. Until then the learning rate
+# holds at its peak after warmup; the cosine anneals from the plan's step to the last step.
+PLAN_MEASURE_FROM, PLAN_AT = 0.05, 0.2
 # Share of the budget left unplanned, for speed that drifts over a run (other processes, longer
 # dev decodes as the model improves); the time-budget stop still catches an overrun.
 BUDGET_MARGIN = 0.03
 
 
-def learning_rate(cfg, step: int, total_steps: int, plateau_scale: float) -> float:
-    """Linear warmup over warmup_steps, then the schedule; cosine anneals from the end of warmup
-    to the last of total_steps, so the steps before the plan of a budget run never depend on the plan."""
+def learning_rate(cfg, step: int, total_steps: int | None, plateau_scale: float, anneal_start: int | None = None) -> float:
+    """Linear warmup over warmup_steps, then the schedule. Cosine anneals from `anneal_start`
+    (default: the end of warmup) to the last of `total_steps`; None (a budget run before its
+    plan) holds the peak."""
     warm = min(1.0, (step + 1) / max(cfg.warmup_steps, 1))
     if cfg.lr_schedule == "cosine":
-        progress = min(1.0, max(0, step - cfg.warmup_steps) / max(total_steps - 1 - cfg.warmup_steps, 1))
-        factor = cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+        factor = 1.0
+        if total_steps is not None:
+            start = cfg.warmup_steps if anneal_start is None else anneal_start
+            progress = min(1.0, max(0, step - start) / max(total_steps - 1 - start, 1))
+            factor = cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
     elif cfg.lr_schedule == "plateau":
         factor = plateau_scale
     elif cfg.lr_schedule == "constant":
@@ -225,7 +232,7 @@ class Trainer:
         output.mkdir(parents=True, exist_ok=True)
         torch.set_num_threads(self.t.threads or os.cpu_count() or 1)
         torch.manual_seed(self.t.seed)
-        learning_rate(self.t, 0, 1, 1.0)  # a bad schedule name fails now, before anything is written
+        learning_rate(self.t, 0, None, 1.0)  # a bad schedule name fails now, before anything is written
 
         tokenizer, state = None, None
         if resume:
@@ -241,7 +248,8 @@ class Trainer:
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=self.t.lr, betas=(0.9, 0.98),
                                           weight_decay=self.t.weight_decay, fused=True)
         self.progress = {"step": 0, "epoch": 0, "batch": 0, "best_score": -math.inf, "best": None, "bad_evals": 0,
-                         "plateau_scale": 1.0, "total_steps": None, "data_dir": str(data_dir.resolve())}
+                         "plateau_scale": 1.0, "total_steps": None, "anneal_start": None,
+                         "data_dir": str(data_dir.resolve())}
         if resume:
             self._load_resume_state(state, data_dir)
         else:
@@ -251,7 +259,6 @@ class Trainer:
         # Without a budget the schedule runs to the ceiling (a resume may raise it); a budget run
         # records its planned total in the progress, so that a resume follows the same schedule.
         self.ceiling = self.t.max_steps or self.t.max_epochs * len(self.batches)
-        self.plan_at = max(self.t.warmup_steps, PLAN_AFTER_STEPS)
         self.eval_seconds = 0.0  # wall clock spent evaluating and saving since the run (or resume) started
         self.last_eval_s: float | None = None
         self.metrics_log = open(output / "metrics.jsonl", "a", encoding="utf-8")
@@ -288,7 +295,8 @@ class Trainer:
     def train_step(self, batch) -> tuple[float, int, float, float]:
         """One update; returns (summed loss, target count, pre-clip gradient norm, learning rate)."""
         p, t = self.progress, self.t
-        lr = learning_rate(t, p["step"], p["total_steps"] or self.ceiling, p["plateau_scale"])
+        total = p["total_steps"] if self.budget_s is not None or p["total_steps"] is not None else self.ceiling
+        lr = learning_rate(t, p["step"], total, p["plateau_scale"], p["anneal_start"])
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         loss, count = self.task.loss(batch)
@@ -337,6 +345,7 @@ class Trainer:
         steps_per_eval = self.t.eval_every or len(self.batches)
         p["total_steps"] = plan_total_steps(self.budget_s, clock() - self.started, p["step"], step_s,
                                             self.last_eval_s, steps_per_eval, self.ceiling)
+        p["anneal_start"] = p["step"]
         record = {"type": "plan", "step": p["step"], "total_steps": p["total_steps"],
                   "epochs": round(p["total_steps"] / max(len(self.batches), 1), 2), "step_s": round(step_s, 4),
                   "eval_s": round(self.last_eval_s, 2), "budget_s": self.budget_s, "ceiling": self.ceiling}
@@ -364,7 +373,7 @@ class Trainer:
         self.model.train()
         stop, since_eval = None, 0
         window = {"tokens": 0, "seconds": self.training_seconds(), "loss": 0.0}
-        measure_from = (p["step"], self.training_seconds())  # the plan's speed is measured from here
+        measure_from = None  # (step, training seconds) where the plan's speed measurement starts
         try:
             while stop is None and p["epoch"] < t.max_epochs:
                 if self.batches_epoch != p["epoch"]:
@@ -381,9 +390,12 @@ class Trainer:
                         record = self.log_train(window, grad_norm, lr)
                         bar.set_postfix(loss=record["loss"], tok_s=int(record["tokens_per_s"]))
                     if self.budget_s is not None and p["total_steps"] is None:
-                        if p["step"] == self.plan_at // 5:
+                        # a share of the budget, or of the max_epochs ceiling where a run reaches it first
+                        done = max((clock() - self.started) / self.budget_s, p["step"] / self.ceiling)
+                        if measure_from is None and done >= PLAN_MEASURE_FROM:
                             measure_from = (p["step"], self.training_seconds())
-                        if p["step"] >= max(self.plan_at, measure_from[0] + 5):
+                        if (measure_from is not None and done >= PLAN_AT
+                                and p["step"] >= max(t.warmup_steps, measure_from[0] + 5)):
                             if self.last_eval_s is None:  # the plan needs an evaluation's cost
                                 since_eval = 0
                                 if self.evaluate():

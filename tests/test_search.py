@@ -128,3 +128,19 @@ def test_nbest_larger_than_beam_is_refused():
     state, first, max_lens = translator_start(model, src, src_len)
     with pytest.raises(ValueError, match="nbest"):
         search.beam_search(model, state, first, max_lens, beam_size=2, eos=EOS, nbest=3)
+
+
+def test_greedy_scores_are_summed_log_probs_up_to_eos():
+    model = small_translator(seed=14)
+    src, src_len = random_batch(seed=15, batch=6)
+    state, first, max_lens = translator_start(model, src, src_len)
+    hyps = search.greedy(model, state, first, max_lens, eos=EOS)
+    for i, hyp in enumerate(hyps):
+        s, f, _ = translator_start(model, src[i : i + 1], src_len[i : i + 1])
+        total, tokens = 0.0, f
+        ended = len(hyp.tokens) < max_lens[i]
+        for tok in hyp.tokens + ([EOS] if ended else []):
+            logits, s = model.step(tokens, s)
+            total += float(logits.log_softmax(-1)[0, tok])
+            tokens = torch.tensor([tok])
+        assert abs(total - hyp.score) < 1e-4

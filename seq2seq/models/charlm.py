@@ -5,10 +5,10 @@ import torch
 from torch import nn
 
 from seq2seq.config import CharLMModel
-from seq2seq.models.rnn import Dropout, Hidden, StepDecoding, make_rnn, select_rows
+from seq2seq.models.rnn import Dropout, Hidden, make_rnn, rnn_step, select_rows
 
 
-class CharLM(StepDecoding, nn.Module):
+class CharLM(nn.Module):
     def __init__(self, cfg: CharLMModel, vocab_size: int):
         super().__init__()
         self.cfg = cfg
@@ -30,10 +30,6 @@ class CharLM(StepDecoding, nn.Module):
         return self.out(out), hidden
 
     # -- the decoding interface of seq2seq.search ------------------------------------------
-    @property
-    def step_rnn(self) -> nn.RNNBase:
-        return self.rnn
-
     def start(self, prompt: torch.Tensor) -> dict:
         """State after reading all but the last prompt character; that one is the first step's input."""
         hidden = None
@@ -43,7 +39,7 @@ class CharLM(StepDecoding, nn.Module):
 
     def step(self, tokens: torch.Tensor, state: dict) -> tuple[torch.Tensor, dict]:
         """Next-character logits (N, V) in fp32 for tokens (N,)."""
-        out, hidden = self.rnn_step(self.dropout(self.embed(tokens)), state["hidden"])
+        out, hidden = rnn_step(self.rnn, self.dropout(self.embed(tokens)), state["hidden"])
         out = self.dropout(out)
         if self.bottleneck is not None:
             out = self.bottleneck(out)

@@ -4,8 +4,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from contextlib import contextmanager
-
 from seq2seq.errors import UserError
 
 CELLS = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}
@@ -50,58 +48,6 @@ def rnn_step(rnn: nn.RNNBase, x: torch.Tensor, hidden: Hidden | None) -> tuple[t
     return out, ((h_stack, torch.stack(c_out)) if lstm else h_stack)
 
 
-class DecodingCells:
-    """An RNN's weights prepared once for step-by-step decoding in `dtype` (bf16 halves the bytes a
-    step reads, which bound one-stream generation). For LSTM and plain RNN cells the input and
-    hidden matrices are joined, [W_ih | W_hh], with the biases summed: one matrix product a step
-    instead of two. LSTM gate rows are reordered to (i, f, o, g) so one sigmoid covers three gates.
-    GRU cells keep their fp32 kernel (its reset gate scales the hidden part alone)."""
-
-    def __init__(self, rnn: nn.RNNBase, dtype: torch.dtype):
-        self.kind, self.dtype, self.layers = type(rnn), dtype, []
-        self.dropout = 0.0  # decoding runs in eval mode
-        for layer in range(rnn.num_layers):
-            w_ih, w_hh, b_ih, b_hh = (getattr(rnn, f"{name}_l{layer}").detach()
-                                      for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"))
-            if self.kind is nn.GRU:
-                self.layers.append((w_ih, w_hh, b_ih, b_hh))
-                continue
-            weight, bias = torch.cat([w_ih, w_hh], dim=1), b_ih + b_hh
-            if self.kind is nn.LSTM:
-                i, f, g, o = weight.chunk(4, 0)
-                weight = torch.cat([i, f, o, g])
-                i, f, g, o = bias.chunk(4)
-                bias = torch.cat([i, f, o, g])
-            self.layers.append((weight.to(dtype).contiguous(), bias.to(dtype)))
-
-    def step(self, x: torch.Tensor, hidden: Hidden | None) -> tuple[torch.Tensor, Hidden]:
-        """As `rnn_step`: x (B, input) -> output (B, hidden) in fp32; states stay fp32."""
-        lstm = self.kind is nn.LSTM
-        if hidden is None:
-            size = self.layers[0][0].size(0) // (4 if lstm else 3 if self.kind is nn.GRU else 1)
-            zeros = x.new_zeros(len(self.layers), x.size(0), size, dtype=torch.float32)
-            hidden = (zeros, zeros) if lstm else zeros
-        h_out, c_out, out = [], [], x
-        for layer, weights in enumerate(self.layers):
-            h = hidden[0][layer] if lstm else hidden[layer]
-            if self.kind is nn.GRU:
-                h = torch._VF.gru_cell(out.float(), h, *weights)
-            else:
-                gates = nn.functional.linear(torch.cat([out.to(self.dtype), h.to(self.dtype)], 1), *weights).float()
-                if lstm:
-                    size = h.size(1)
-                    i, f, o = gates[:, : 3 * size].sigmoid().chunk(3, 1)
-                    c = torch.addcmul(f * hidden[1][layer], i, gates[:, 3 * size :].tanh())
-                    h = o * c.tanh()
-                    c_out.append(c)
-                else:
-                    h = gates.tanh()
-            h_out.append(h)
-            out = h
-        h_stack = torch.stack(h_out)
-        return out, ((h_stack, torch.stack(c_out)) if lstm else h_stack)
-
-
 def select_rows(hidden: Hidden, index: torch.Tensor) -> Hidden:
     """Pick batch rows of an RNN state ((layers, batch, size), or an LSTM's pair of them)."""
     if isinstance(hidden, tuple):
@@ -128,23 +74,3 @@ class Dropout(nn.Module):
             return x
         return x * ((torch.rand_like(x) >= self.p) * (1 / (1 - self.p))).to(x.dtype)
 
-
-class StepDecoding:
-    """For models with a one-step decoding interface: inside `with model.decoding(dtype):` the
-    recurrent weights are prepared once (`DecodingCells`) and every `step` uses them; outside,
-    steps run the cell kernels on the live weights (training's step loop, with autograd)."""
-
-    _cells: DecodingCells | None = None
-
-    @contextmanager
-    def decoding(self, dtype: torch.dtype = torch.float32):
-        self._cells = DecodingCells(self.step_rnn, dtype)
-        try:
-            yield self
-        finally:
-            self._cells = None
-
-    def rnn_step(self, x: torch.Tensor, hidden: Hidden | None) -> tuple[torch.Tensor, Hidden]:
-        if self._cells is not None:
-            return self._cells.step(x, hidden)
-        return rnn_step(self.step_rnn, x, hidden)

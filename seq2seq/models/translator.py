@@ -7,11 +7,11 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from seq2seq.config import TranslatorModel
 from seq2seq.models.attention import Attention
-from seq2seq.models.rnn import Dropout, StepDecoding, make_rnn, select_rows
+from seq2seq.models.rnn import Dropout, make_rnn, rnn_step, select_rows
 from seq2seq.tokenizer import PAD
 
 
-class Translator(StepDecoding, nn.Module):
+class Translator(nn.Module):
     """Embeddings are shared by source and target (the vocabulary is joint) and, with
     `tie_embeddings`, by the output projection: the attentional layer outputs `emb_dim` values
     for that reason."""
@@ -61,7 +61,7 @@ class Translator(StepDecoding, nn.Module):
         x = self.dropout(self.embed(tokens))
         if self.cfg.input_feeding:
             x = torch.cat([x, state["feed"].to(x.dtype)], dim=-1)
-        dec_out, hidden = self.rnn_step(x, state["hidden"])
+        dec_out, hidden = rnn_step(self.decoder, x, state["hidden"])
         # rows may be a sentence's K beams: they attend to its one copy of the encoder states together
         sentences = state["memory"].size(0)
         attentional, _ = self._attend(dec_out.view(sentences, dec_out.size(0) // sentences, -1), state)
@@ -70,10 +70,6 @@ class Translator(StepDecoding, nn.Module):
         if self.cfg.input_feeding:
             state["feed"] = attentional
         return self.out(self.dropout(attentional)), state
-
-    @property
-    def step_rnn(self) -> nn.RNNBase:
-        return self.decoder
 
     def step(self, tokens: torch.Tensor, state: dict) -> tuple[torch.Tensor, dict]:
         """Next-token logits (N, V) in fp32 for tokens (N,)."""

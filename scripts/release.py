@@ -1,0 +1,46 @@
+#!/usr/bin/env python
+"""Make a released model folder from a training run: weights in fp16, no resume state.
+
+  python scripts/release.py runs/en-fr checkpoints/en-fr
+
+Copies config.json, the tokenizer, metrics.json and metrics.jsonl, and writes model.safetensors
+with fp16 weights (half the size; the model loads them into fp32). fp16 rather than bf16: its
+10-bit mantissa keeps weights of this size 8x more precisely, and none comes near its range limit.
+The model card (README.md) is written by hand: data, licence, command, machine, scores.
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+from safetensors.torch import save_model  # noqa: E402
+
+from seq2seq import checkpoint  # noqa: E402
+
+COPIED = ("config.json", "spm.model", "vocab.json", "metrics.json", "metrics.jsonl")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run", type=Path)
+    p.add_argument("output", type=Path)
+    args = p.parse_args()
+    _, model, _ = checkpoint.load(args.run)
+    args.output.mkdir(parents=True, exist_ok=True)
+    for name in COPIED:
+        if (args.run / name).is_file():
+            shutil.copy2(args.run / name, args.output / name)
+    tmp = args.output / "model.safetensors.tmp"
+    save_model(model.to(torch.float16), str(tmp))
+    tmp.replace(args.output / "model.safetensors")
+    size = sum(f.stat().st_size for f in args.output.iterdir()) / 1e6
+    print(f"{args.output}: {size:.1f} MB")
+
+
+if __name__ == "__main__":
+    main()
