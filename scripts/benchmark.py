@@ -117,6 +117,7 @@ def train_bench(kind: str, preset: str, data_dir: Path, steps: int, repeats: int
 
             run(batches[:3])  # warm-up: caches, allocator, oneDNN kernels
             rate, units = median_rate(lambda: run(batches[3:]), repeats)
+            trainer.metrics_log.close()
             m, vocab = cfg.model, len(trainer.task.tokenizer)
             if kind == "translator":
                 src = sum(len(s) + 1 for b in batches[3:] for s in b[0])

@@ -50,14 +50,11 @@ def cpu_model() -> str:
 
 
 def native_bf16() -> bool:
-    """True where the CPU computes bf16 matrix products natively (AVX-512 BF16 or AMX). Elsewhere
-    oneDNN emulates them and bf16 autocast can be slower than fp32."""
+    """True where the CPU computes bf16 matrix products natively (AVX-512 BF16, AMX, or Arm's
+    BF16 extension). Elsewhere oneDNN emulates them and bf16 autocast can be slower than fp32."""
     flags = cpu_flags()
-    return "avx512_bf16" in flags or "amx_bf16" in flags or torch.backends.mkldnn.is_available() and _arm_bf16(flags)
-
-
-def _arm_bf16(flags: frozenset[str]) -> bool:
-    return "bf16" in flags and platform.machine() in ("aarch64", "arm64")
+    arm = "bf16" in flags and platform.machine() in ("aarch64", "arm64")
+    return "avx512_bf16" in flags or "amx_bf16" in flags or arm
 
 
 def describe() -> dict:

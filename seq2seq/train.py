@@ -260,6 +260,7 @@ class Trainer:
         # records its planned total in the progress, so that a resume follows the same schedule.
         self.ceiling = self.t.max_steps or self.t.max_epochs * len(self.batches)
         self.eval_seconds = 0.0  # wall clock spent evaluating and saving since the run (or resume) started
+        self.measure_from: tuple[int, float] | None = None  # (step, training seconds): the plan's speed from here
         self.last_eval_s: float | None = None
         self.metrics_log = open(output / "metrics.jsonl", "a", encoding="utf-8")
         if not resume:
@@ -338,10 +339,22 @@ class Trainer:
         """Wall clock since the start, evaluations and saves excluded: what throughput counts."""
         return clock() - self.started - self.eval_seconds
 
-    def plan(self, measured_steps: int, measured_s: float) -> None:
-        """Fix the run's total step count from the measured speed so the budget is just used."""
+    def plan_share(self) -> float:
+        """How far the run is: its share of the budget, or of max_epochs where it gets there first."""
+        return max((clock() - self.started) / self.budget_s, self.progress["step"] / self.ceiling)
+
+    def plan_due(self) -> bool:
+        if self.measure_from is None and self.plan_share() >= PLAN_MEASURE_FROM:
+            self.measure_from = (self.progress["step"], self.training_seconds())
+        return (self.measure_from is not None and self.plan_share() >= PLAN_AT
+                and self.progress["step"] >= max(self.t.warmup_steps, self.measure_from[0] + 5))
+
+    def maybe_plan(self) -> None:
+        """Fix the run's total step count from the measured speed, once due, so the budget is just used."""
+        if not self.plan_due():
+            return
         p = self.progress
-        step_s = measured_s / max(measured_steps, 1)
+        step_s = (self.training_seconds() - self.measure_from[1]) / (p["step"] - self.measure_from[0])
         steps_per_eval = self.t.eval_every or len(self.batches)
         p["total_steps"] = plan_total_steps(self.budget_s, clock() - self.started, p["step"], step_s,
                                             self.last_eval_s, steps_per_eval, self.ceiling)
@@ -373,7 +386,6 @@ class Trainer:
         self.model.train()
         stop, since_eval = None, 0
         window = {"tokens": 0, "seconds": self.training_seconds(), "loss": 0.0}
-        measure_from = None  # (step, training seconds) where the plan's speed measurement starts
         try:
             while stop is None and p["epoch"] < t.max_epochs:
                 if self.batches_epoch != p["epoch"]:
@@ -390,18 +402,12 @@ class Trainer:
                         record = self.log_train(window, grad_norm, lr)
                         bar.set_postfix(loss=record["loss"], tok_s=int(record["tokens_per_s"]))
                     if self.budget_s is not None and p["total_steps"] is None:
-                        # a share of the budget, or of the max_epochs ceiling where a run reaches it first
-                        done = max((clock() - self.started) / self.budget_s, p["step"] / self.ceiling)
-                        if measure_from is None and done >= PLAN_MEASURE_FROM:
-                            measure_from = (p["step"], self.training_seconds())
-                        if (measure_from is not None and done >= PLAN_AT
-                                and p["step"] >= max(t.warmup_steps, measure_from[0] + 5)):
-                            if self.last_eval_s is None:  # the plan needs an evaluation's cost
-                                since_eval = 0
-                                if self.evaluate():
-                                    stop = f"no improvement in {t.patience} evaluations"
-                                    break
-                            self.plan(p["step"] - measure_from[0], self.training_seconds() - measure_from[1])
+                        if self.last_eval_s is None and self.plan_due():  # the plan needs an evaluation's cost
+                            since_eval = 0
+                            if self.evaluate():
+                                stop = f"no improvement in {t.patience} evaluations"
+                                break
+                        self.maybe_plan()
                     stop = self.stop_reason()
                     if stop:
                         break
