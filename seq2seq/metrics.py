@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import math
 
-from sacrebleu.metrics import BLEU, CHRF
-
 from seq2seq.errors import UserError
 
 
@@ -14,6 +12,8 @@ def bleu_chrf(hypotheses: list[str], references: list[str]) -> dict:
         raise ValueError(f"{len(hypotheses)} hypotheses but {len(references)} references")
     if not hypotheses:
         raise UserError("no sentences to score")
+    from sacrebleu.metrics import BLEU, CHRF  # here: translating alone need not pay for its import
+
     bleu, chrf = BLEU(), CHRF()
     return {"bleu": round(bleu.corpus_score(hypotheses, [references]).score, 2),
             "chrf": round(chrf.corpus_score(hypotheses, [references]).score, 2),
