@@ -22,15 +22,17 @@ def autocast(enabled: bool):
 
 
 def decoding_bf16(bf16: bool | None) -> bool:
-    """None picks the fastest mode of this CPU: bf16 where it computes bf16 natively (it keeps
-    BLEU within 0.1 of fp32 on Multi30k), fp32 elsewhere, where emulated bf16 is slower."""
+    """None picks the fastest mode of this CPU: bf16 where it computes bf16 natively (Multi30k
+    test, released en-fr: 50.70 BLEU against fp32's 50.75 at beam 5), fp32 elsewhere, where
+    emulated bf16 is slower."""
     return native_bf16() if bf16 is None else bf16
 
 
 @contextmanager
 def decoding(model, bf16: bool):
-    """Eval mode, no autograd, bf16 autocast if asked. Not inference_mode: under it autocast
-    casts the weights again at every step instead of once."""
+    """Eval mode, no autograd, bf16 autocast if asked; autocast casts each weight once per
+    region, so a region should span a whole call. Not inference_mode: under it autocast casts
+    the weights again at every step."""
     model.eval()
     with torch.no_grad(), autocast(bf16):
         yield
@@ -45,12 +47,12 @@ def max_output_lengths(src_lengths: torch.Tensor, ratio: float) -> torch.Tensor:
     return (src_lengths.float() * ratio).long() + 10
 
 
-@torch.no_grad()
 def translate(model: Translator, tokenizer: SubwordTokenizer, lines: list[str], beam: int = 5, nbest: int = 1,
               batch_size: int | None = None, max_len_ratio: float = 2.0, length_penalty: float = 1.0,
               progress: bool = False, bf16: bool | None = None) -> list[list[tuple[str, float]]]:
     """`nbest` (text, score) pairs per input line, in input order; an empty line gives empty output.
-    `batch_size` None: BATCH_ROWS // beam sentences a batch. `bf16` None: bf16 where the CPU runs it natively (see `decoding_bf16`)."""
+    `batch_size` None: BATCH_ROWS // beam sentences a batch. `bf16` None: bf16 where the CPU runs
+    it natively (see `decoding_bf16`)."""
     if beam < 1 or nbest < 1 or nbest > beam:
         raise ValueError(f"need 1 <= nbest ({nbest}) <= beam ({beam})")
     bf16 = decoding_bf16(bf16)
@@ -59,9 +61,9 @@ def translate(model: Translator, tokenizer: SubwordTokenizer, lines: list[str], 
     results: list[list[tuple[str, float]]] = [[("", 0.0)] * nbest for _ in lines]
     order = sorted((i for i in range(len(lines)) if ids[i]), key=lambda i: -len(ids[i]))
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-    for batch in tqdm(batches, desc="translating", unit="batch", disable=not progress, leave=False):
-        src, src_len = pad([ids[i] for i in batch], PAD, eos=EOS)
-        with decoding(model, bf16):
+    with decoding(model, bf16):
+        for batch in tqdm(batches, desc="translating", unit="batch", disable=not progress, leave=False):
+            src, src_len = pad([ids[i] for i in batch], PAD, eos=EOS)
             state = model.start(src, src_len)
             first = torch.full((len(batch),), BOS, dtype=torch.long)
             max_lens = max_output_lengths(src_len - 1, max_len_ratio)
@@ -70,13 +72,12 @@ def translate(model: Translator, tokenizer: SubwordTokenizer, lines: list[str], 
             else:
                 hyps = search.beam_search(model, state, first, max_lens, beam, eos=EOS,
                                           length_penalty=length_penalty, nbest=nbest)
-        for i, sentence_hyps in zip(batch, hyps):
-            texts = tokenizer.decode([h.tokens for h in sentence_hyps])
-            results[i] = list(zip(texts, [h.score for h in sentence_hyps]))
+            for i, sentence_hyps in zip(batch, hyps):
+                texts = tokenizer.decode([h.tokens for h in sentence_hyps])
+                results[i] = list(zip(texts, [h.score for h in sentence_hyps]))
     return results
 
 
-@torch.no_grad()
 def generate(model: CharLM, vocab: CharVocab, prompts: list[str], max_chars: int, temperature: float = 1.0,
              top_k: int = 0, top_p: float = 1.0, beam: int = 0, length_penalty: float = 1.0,
              seed: int | None = None, on_text=None, bf16: bool | None = None) -> list[str]:

@@ -4,9 +4,8 @@ A model offers three things (see `Translator` and `CharLM`):
   `step(tokens (N,), state) -> (logits (N, V) fp32, state)`,
   `reorder_state(state, rows, sentences) -> state` (select/repeat batch rows; what a model keeps
   once per input, such as the translator's encoder states, by `sentences`, None for unchanged),
-  and a start state built by
-  the caller with the first input tokens (BOS for the translator, the prompt's last character
-  for the language model).
+  and a start state built by the caller with the first input tokens (BOS for the translator, the
+  prompt's last character for the language model).
 
 Decoding runs one model step per output position, so the work around each step is kept to a
 few tensor operations: tokens are recorded per step and cut at EOS once at the end, and rows
@@ -90,12 +89,11 @@ def _decode(model, state, first_tokens: torch.Tensor, max_lens, eos: int | None,
         t += len(token_steps)
     out = []
     for row, logp, limit in zip(seqs.tolist(), log_probs.tolist(), max_lens.tolist()):
-        end = min(limit, len(row))
-        if eos is not None and eos in row[:end]:
-            end = row.index(eos) + 1
-            out.append(Hypothesis(row[: end - 1], sum(logp[:end])))
-        else:
-            out.append(Hypothesis(row[:end], sum(logp[:end])))
+        kept = scored = min(limit, len(row))
+        if eos is not None and eos in row[:scored]:
+            scored = row.index(eos) + 1  # the EOS's log-probability counts, the token is not output
+            kept = scored - 1
+        out.append(Hypothesis(row[:kept], sum(logp[:scored])))
     return out
 
 

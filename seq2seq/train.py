@@ -344,15 +344,15 @@ class Trainer:
         return max((clock() - self.started) / self.budget_s, self.progress["step"] / self.ceiling)
 
     def plan_due(self) -> bool:
-        if self.measure_from is None and self.plan_share() >= PLAN_MEASURE_FROM:
+        """Starts the speed measurement when its time comes; True once the plan can be made."""
+        share = self.plan_share()
+        if self.measure_from is None and share >= PLAN_MEASURE_FROM:
             self.measure_from = (self.progress["step"], self.training_seconds())
-        return (self.measure_from is not None and self.plan_share() >= PLAN_AT
+        return (self.measure_from is not None and share >= PLAN_AT
                 and self.progress["step"] >= max(self.t.warmup_steps, self.measure_from[0] + 5))
 
-    def maybe_plan(self) -> None:
-        """Fix the run's total step count from the measured speed, once due, so the budget is just used."""
-        if not self.plan_due():
-            return
+    def plan(self) -> None:
+        """Fix the run's total step count from the measured speed so the budget is just used."""
         p = self.progress
         step_s = (self.training_seconds() - self.measure_from[1]) / (p["step"] - self.measure_from[0])
         steps_per_eval = self.t.eval_every or len(self.batches)
@@ -401,13 +401,13 @@ class Trainer:
                     if p["step"] % t.log_every == 0:
                         record = self.log_train(window, grad_norm, lr)
                         bar.set_postfix(loss=record["loss"], tok_s=int(record["tokens_per_s"]))
-                    if self.budget_s is not None and p["total_steps"] is None:
-                        if self.last_eval_s is None and self.plan_due():  # the plan needs an evaluation's cost
+                    if self.budget_s is not None and p["total_steps"] is None and self.plan_due():
+                        if self.last_eval_s is None:  # the plan needs an evaluation's cost
                             since_eval = 0
                             if self.evaluate():
                                 stop = f"no improvement in {t.patience} evaluations"
                                 break
-                        self.maybe_plan()
+                        self.plan()
                     stop = self.stop_reason()
                     if stop:
                         break

@@ -73,4 +73,3 @@ class Dropout(nn.Module):
         if not self.training or self.p == 0:
             return x
         return x * ((torch.rand_like(x) >= self.p) * (1 / (1 - self.p))).to(x.dtype)
-
