@@ -18,7 +18,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
-from safetensors.torch import save_model  # noqa: E402
 
 from seq2seq import checkpoint  # noqa: E402
 
@@ -35,9 +34,7 @@ def main() -> None:
     for name in COPIED:
         if (args.run / name).is_file():
             shutil.copy2(args.run / name, args.output / name)
-    tmp = args.output / "model.safetensors.tmp"
-    save_model(model.to(torch.float16), str(tmp))
-    tmp.replace(args.output / "model.safetensors")
+    checkpoint.save_weights(model.to(torch.float16), args.output / checkpoint.BEST)
     size = sum(f.stat().st_size for f in args.output.iterdir()) / 1e6
     print(f"{args.output}: {size:.1f} MB")
 

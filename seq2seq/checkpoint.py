@@ -9,22 +9,23 @@
 from __future__ import annotations
 
 import json
-import os
+import pickle
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_model, save_model
 
-from seq2seq.config import Config, write_text_atomic
+from seq2seq.config import Config
+from seq2seq.files import atomic_path, write_text_atomic
 from seq2seq.errors import UserError
 
 BEST, LAST, STATE = "model.safetensors", "resume.safetensors", "train_state.pt"
 
 
 def save_weights(model: torch.nn.Module, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    save_model(model, str(tmp))  # handles tied (shared) weights, unlike save_file
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_model(model, str(tmp))  # handles tied (shared) weights, unlike save_file
 
 
 def load_weights(model: torch.nn.Module, path: Path) -> None:
@@ -32,21 +33,46 @@ def load_weights(model: torch.nn.Module, path: Path) -> None:
         raise UserError(f"{path}: not found")
     try:
         missing, unexpected = load_model(model, str(path), strict=False)
+    except SafetensorError as e:  # cut short (a broken download) or not safetensors at all
+        raise UserError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0][:160]}); "
+                        "it may be truncated: copy or download it again") from None
     except RuntimeError as e:  # shapes differ: the weights belong to another configuration
-        raise UserError(f"{path}: weights do not match config.json ({str(e).splitlines()[0][:200]})") from None
+        raise UserError(f"{path}: {_mismatch(model, path) or 'weights do not match config.json'} "
+                        f"({str(e).splitlines()[0][:160]})") from None
     if missing or unexpected:
         raise UserError(f"{path}: weights do not match the config (missing {sorted(missing)[:3]}, "
                         f"unexpected {sorted(unexpected)[:3]})")
 
 
+def _mismatch(model: torch.nn.Module, path: Path) -> str | None:
+    """Where the usual culprit, a tokenizer of another size than the embedding, explains it."""
+    with safe_open(str(path), "pt") as f:
+        if "embed.weight" not in f.keys():
+            return None
+        rows = f.get_slice("embed.weight").get_shape()[0]
+    vocab = model.embed.weight.size(0)
+    if rows != vocab:
+        return f"the tokenizer has {vocab} entries but the weights' embedding has {rows} rows"
+    return None
+
+
 def save_state(state: dict, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
 
 
 def load_state(path: Path) -> dict:
-    return torch.load(path, weights_only=True)
+    """The resume state, read without running code: tensors, numbers and strings only. Anything
+    else (a pickle built to run code on load) is refused before it can run."""
+    try:
+        return torch.load(path, weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = str(e).split("WeightsUnpickler error:")[-1].strip().splitlines()[0][:120]
+        raise UserError(f"{path}: refused: it holds more than tensors and numbers ({found}); a resume state "
+                        "written by seq2seq never does, so this file is damaged or was crafted; "
+                        "delete it and start a new run in another --output") from None
+    except (RuntimeError, EOFError, OSError) as e:  # truncated or not a torch file
+        raise UserError(f"{path}: not a readable resume state ({str(e).splitlines()[0][:160]})") from None
 
 
 def save_json(obj: dict, path: Path) -> None:

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from seq2seq.config import Config, apply_overrides, default_data_dir, load_preset, preset_names
-from seq2seq.errors import UserError
+from seq2seq.errors import Interrupted, UserError
 
 log = logging.getLogger("seq2seq")
 
@@ -29,8 +29,22 @@ def nonnegative_int(text: str) -> int:
     return value
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse that reports a bad argument in one line (what and which command), exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def nonnegative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
+
+
 def parser() -> argparse.ArgumentParser:
-    top = argparse.ArgumentParser(prog="seq2seq", description="Recurrent sequence models: translation and character LMs.")
+    top = Parser(prog="seq2seq", description="Recurrent sequence models: translation and character LMs.")
     sub = top.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train a translator or a character language model")
@@ -41,6 +55,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--time-budget", type=float, metavar="MINUTES", help="stop cleanly after this much wall clock")
     p.add_argument("--output", type=Path, help="model folder (default checkpoints/PRESET)")
     p.add_argument("--resume", action="store_true", help="continue the run saved in --output")
+    p.add_argument("--skip-bad-lines", action="store_true",
+                   help="translator: skip TSV lines that are not source<TAB>target (counted in the log) instead of stopping")
 
     p = sub.add_parser("translate", help="translate sentences (arguments, -i FILE, or standard input)")
     p.add_argument("-m", "--model", type=Path, help="model folder (default: the released translator, checkpoints/en-fr)")
@@ -52,13 +68,15 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--scores", action="store_true",
                    help="TSV lines: input number, score, translation (score: log-probability, divided by "
                         "length ** length-penalty when --beam > 1)")
+    p.add_argument("--attention-png", type=Path, metavar="PNG",
+                   help="also draw the attention weights of the first sentence's translation (needs matplotlib)")
 
     p = sub.add_parser("generate", help="generate text from a prompt with a character model")
     p.add_argument("-m", "--model", type=Path,
                    help="model folder (default: the released character model, checkpoints/shakespeare)")
     p.add_argument("--prompt", default="")
     p.add_argument("--max-chars", type=positive_int, default=400)
-    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+    p.add_argument("--temperature", type=nonnegative_float, default=1.0, help="0 = greedy")
     p.add_argument("--top-k", type=nonnegative_int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--num-samples", type=positive_int, default=1)
@@ -73,15 +91,20 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--src", type=Path, help="translator: source sentences")
     p.add_argument("--ref", type=Path, help="translator: reference translations")
     p.add_argument("--tsv", type=Path, help="translator: a test set of source<TAB>reference lines")
+    p.add_argument("--skip-bad-lines", action="store_true", help="--tsv: skip lines that are not source<TAB>reference")
     p.add_argument("--hyp-output", type=Path, help="translator: also write the translations here")
     add_decoding_args(p, beam_default=None)
     p.add_argument("--text", type=Path, help="character model: held-out text")
     p.add_argument("--continuations", type=nonnegative_int, default=0, help="score N generated continuations")
     p.add_argument("--prompt-chars", type=positive_int, default=100)
     p.add_argument("--max-chars", type=positive_int, default=100)
-    p.add_argument("--temperature", type=float, default=0.0, help="continuations: 0 = greedy")
+    p.add_argument("--temperature", type=nonnegative_float, default=0.0, help="continuations: 0 = greedy")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--json", action="store_true", help="print one JSON object")
+
+    p = sub.add_parser("plot", help="draw a training run's curves from its metrics.jsonl (needs matplotlib)")
+    p.add_argument("run", type=Path, help="the run's folder (--output of train)")
+    p.add_argument("-o", "--output", type=Path, help="PNG to write (default RUN/curves.png)")
     return top
 
 
@@ -119,7 +142,10 @@ def cmd_train(args) -> None:
     else:
         if not args.preset:
             raise UserError(f"--preset is required; shipped presets: {', '.join(preset_names())}")
-        cfg = load_preset(args.preset, args.kind, args.set)
+        overrides = args.set + (["data.skip_bad_lines=true"] if args.skip_bad_lines else [])
+        if args.skip_bad_lines and args.kind != "translator":
+            raise UserError("--skip-bad-lines is for a translator's TSV corpora; a character model reads plain text")
+        cfg = load_preset(args.preset, args.kind, overrides)
     if cfg.kind != args.kind:
         raise UserError(f"{args.output} holds a {cfg.kind} model, not a {args.kind}")
     output = args.output or Path("checkpoints") / cfg.preset
@@ -154,7 +180,7 @@ def write_output(lines: list[str], path: Path | None) -> None:
         sys.stdout.write(text)
         sys.stdout.flush()
         return
-    from seq2seq.config import write_text_atomic
+    from seq2seq.files import write_text_atomic
     write_text_atomic(path, text)
 
 
@@ -182,11 +208,24 @@ def load_kind(folder: Path | None, kind: str):
     return cfg, model, tokenizer
 
 
+def check_outputs(*paths: Path | None) -> None:
+    """Outputs that could not be written fail now, not after the work."""
+    from seq2seq.files import check_writable
+
+    for path in paths:
+        if path is not None:
+            check_writable(path)
+
+
 def cmd_translate(args) -> None:
     from seq2seq.inference import translate
 
     if args.nbest > args.beam:
         raise UserError(f"--nbest {args.nbest} needs --beam of at least {args.nbest}")
+    check_outputs(args.output, args.attention_png)
+    if args.attention_png:
+        from seq2seq.plots import require_matplotlib
+        require_matplotlib()  # before any work: a missing extra is a hint, not a late traceback
     _, model, tokenizer = load_kind(args.model, "translator")
     lines = read_inputs(args)
     results = translate(model, tokenizer, lines, beam=args.beam, nbest=args.nbest, batch_size=args.batch_size,
@@ -197,6 +236,27 @@ def cmd_translate(args) -> None:
         for text, score in hyps:
             out.append(f"{number}\t{score:.4f}\t{text}" if args.scores else text)
     write_output(out, args.output)
+    if args.attention_png:
+        draw_attention(model, tokenizer, lines, args)
+
+
+def draw_attention(model, tokenizer, lines: list[str], args) -> None:
+    from seq2seq.inference import attention_map
+    from seq2seq.plots import attention
+
+    if not lines or not lines[0].strip():
+        raise UserError("--attention-png draws the first sentence's attention, and there is none")
+    weights, source, target = attention_map(model, tokenizer, lines[0], beam=args.beam, bf16=bf16_choice(args))
+    attention(weights.numpy(), source, target, args.attention_png)
+    print(f"seq2seq: attention of {lines[0][:40]!r} drawn in {args.attention_png}", file=sys.stderr)
+
+
+def cmd_plot(args) -> None:
+    from seq2seq.plots import training_curves
+
+    out = args.output or args.run / "curves.png"
+    training_curves(args.run, out)
+    print(out)
 
 
 def cmd_generate(args) -> None:
@@ -207,6 +267,9 @@ def cmd_generate(args) -> None:
     if args.beam and args.num_samples > 1:
         raise UserError("--beam gives one best continuation: drop --num-samples, or sample without --beam")
     _, model, vocab = load_kind(args.model, "charlm")
+    if args.prompt and all(c not in vocab.index for c in args.prompt):
+        raise UserError(f"--prompt {args.prompt[:40]!r}: the model has seen none of its characters; "
+                        "give a prompt in the training text's alphabet, or none")
     if args.seed is not None:
         import torch
         torch.manual_seed(args.seed)
@@ -234,6 +297,7 @@ def cmd_evaluate(args) -> None:
 
     if args.text and (args.src or args.ref or args.tsv):
         raise UserError("--text scores a character model, --src/--ref or --tsv a translator: give one kind")
+    check_outputs(args.hyp_output)
     cfg, model, tokenizer = checkpoint.load(args.model or released_model("charlm" if args.text else "translator"))
     started = time.perf_counter()
     if cfg.kind == "translator":
@@ -256,11 +320,13 @@ def evaluate_translator(args, model, tokenizer) -> dict:
     if args.tsv and (args.src or args.ref):
         raise UserError("give a test set as --tsv or as --src and --ref, not both")
     if args.tsv:
-        pairs = read_tsv(args.tsv)
+        pairs = read_tsv(args.tsv, args.skip_bad_lines)
     elif args.src and args.ref:
         pairs = read_parallel_files(args.src, args.ref)
     else:
         raise UserError("evaluating a translator needs --src and --ref, or --tsv")
+    if not pairs:
+        raise UserError(f"{args.tsv or args.src}: no sentence pairs to evaluate")
     started = time.perf_counter()
     beam = args.beam or 5
     hyps = translate(model, tokenizer, [s for s, _ in pairs], beam=beam, batch_size=args.batch_size,
@@ -286,6 +352,8 @@ def evaluate_charlm(args, model, vocab) -> dict:
     if not args.text:
         raise UserError("evaluating a character model needs --text")
     text = read_text(args.text)
+    if len(text) < 2:
+        raise UserError(f"{args.text}: no text to score")
     if not args.continuations:
         ids = torch.tensor(vocab.encode(text, warn=True), dtype=torch.long)
         return {k: round(v, 4) if isinstance(v, float) else v for k, v in score_text(model, ids).items()}
@@ -301,7 +369,8 @@ def evaluate_charlm(args, model, vocab) -> dict:
     return result
 
 
-COMMANDS = {"train": cmd_train, "translate": cmd_translate, "generate": cmd_generate, "evaluate": cmd_evaluate}
+COMMANDS = {"train": cmd_train, "translate": cmd_translate, "generate": cmd_generate, "evaluate": cmd_evaluate,
+            "plot": cmd_plot}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -315,6 +384,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"seq2seq: error: {e}", file=sys.stderr)
         return 2
+    except Interrupted as e:
+        print(f"seq2seq: {e}", file=sys.stderr)
+        return e.exit_code
     except OSError as e:  # unreadable input, unwritable output: the user's to fix, not a crash
         where = f"{e.filename}: " if e.filename else ""
         print(f"seq2seq: error: {where}{e.strerror or e}", file=sys.stderr)

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from seq2seq.errors import UserError
+from seq2seq.files import write_text_atomic
 
 FORMAT_VERSION = 1
 KINDS = ("translator", "charlm")
@@ -43,6 +44,7 @@ class TranslatorData:
     vocab_size: int = 8000
     spm_model_type: str = "unigram"
     sample_alpha: float = 0.0  # > 0: subword regularization (SentencePiece sampling) in training
+    skip_bad_lines: bool = False  # TSV lines without exactly one tab: skipped and counted, not an error
 
 
 @dataclass
@@ -57,6 +59,7 @@ class TranslatorModel:
     dropout: float = 0.3
     input_feeding: bool = False
     tie_embeddings: bool = True
+    forget_bias: float = 0.0  # LSTM forget-gate bias at init; 0 = PyTorch's default (near 0)
 
 
 @dataclass
@@ -73,6 +76,7 @@ class CharLMModel:
     layers: int = 2
     dropout: float = 0.2
     tie_embeddings: bool = True
+    forget_bias: float = 0.0  # LSTM forget-gate bias at init; 0 = PyTorch's default (near 0)
 
 
 @dataclass
@@ -253,11 +257,3 @@ def _parse_value(text: str):
 
 def default_data_dir() -> Path:
     return Path(os.environ.get("SEQ2SEQ_DATA", "../shared/data"))
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write via a temporary file and rename, so a crash never leaves half a file."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)

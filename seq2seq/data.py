@@ -50,13 +50,23 @@ def read_parallel_files(src_path: Path, tgt_path: Path) -> list[tuple[str, str]]
     return list(zip(src, tgt))
 
 
-def read_tsv(path: str | Path) -> list[tuple[str, str]]:
-    pairs = []
+def read_tsv(path: str | Path, skip_bad_lines: bool = False) -> list[tuple[str, str]]:
+    """source<TAB>target lines. A line with no tab or with extra columns is an error naming it,
+    or, with `skip_bad_lines`, skipped and counted in the log."""
+    pairs, bad = [], []
     for number, line in enumerate(read_lines(path), 1):
         fields = line.split("\t")
-        if len(fields) < 2:
-            raise UserError(f"{path}:{number}: expected source<TAB>target, found no tab")
-        pairs.append((fields[0], fields[1]))
+        if len(fields) == 2:
+            pairs.append((fields[0], fields[1]))
+            continue
+        problem = "no tab" if len(fields) < 2 else f"{len(fields)} columns"
+        if not skip_bad_lines:
+            raise UserError(f"{path}:{number}: expected source<TAB>target, found {problem} "
+                            "(--skip-bad-lines skips such lines)")
+        bad.append(number)
+    if bad:
+        log.warning("%s: skipped %d bad line(s) (not source<TAB>target): line %s", path, len(bad),
+                    ", ".join(map(str, bad[:10])) + (", ..." if len(bad) > 10 else ""))
     return pairs
 
 
@@ -114,7 +124,7 @@ def read_corpus(cfg: TranslatorData, data_dir: Path, name: str, fmt: str) -> lis
     if fmt == "hf":
         return read_hf(cfg, name)
     if fmt == "tsv":
-        return read_tsv(resolve(data_dir, name))
+        return read_tsv(resolve(data_dir, name), cfg.skip_bad_lines)
     if fmt == "parallel":
         return read_parallel(resolve(data_dir, name), cfg.src_lang, cfg.tgt_lang)
     raise UserError(f"data.format must be parallel, tsv or hf, got {fmt!r}")

@@ -78,6 +78,30 @@ def translate(model: Translator, tokenizer: SubwordTokenizer, lines: list[str], 
     return results
 
 
+def attention_map(model: Translator, tokenizer: SubwordTokenizer, line: str, beam: int = 5,
+                  bf16: bool | None = None) -> tuple[torch.Tensor, list[str], list[str]]:
+    """The attention weights (target x source, each row sums to 1) of `line`'s best translation,
+    with the source and target subwords (and </s>) that label them. The translation is decoded,
+    then read back teacher-forced: with dropout off, the same weights the search used."""
+    ids = tokenizer.encode([line.strip()])[0]
+    if not ids:
+        raise ValueError("an empty sentence has no attention to draw")
+    src, src_len = pad([ids], PAD, eos=EOS)
+    captured = []
+    with decoding(model, decoding_bf16(bf16)):
+        state, first = model.start(src, src_len), torch.tensor([BOS])
+        max_lens = max_output_lengths(src_len - 1, 2.0)
+        best = (search.greedy(model, state, first, max_lens, eos=EOS)[0] if beam == 1 else
+                search.beam_search(model, state, first, max_lens, beam, eos=EOS)[0][0])
+        hook = model.attention.register_forward_hook(lambda module, inputs, output: captured.append(output[1]))
+        try:
+            model(src, src_len, torch.tensor([[BOS] + best.tokens]))
+        finally:
+            hook.remove()
+    weights = torch.cat(captured, dim=1)[0].float()  # one call (B, T, S), or T step calls (B, 1, S)
+    pieces = tokenizer.sp.id_to_piece
+    return weights, [pieces(i) for i in ids] + ["</s>"], [pieces(i) for i in best.tokens] + ["</s>"]
+
 def generate(model: CharLM, vocab: CharVocab, prompts: list[str], max_chars: int, temperature: float = 1.0,
              top_k: int = 0, top_p: float = 1.0, beam: int = 0, length_penalty: float = 1.0,
              seed: int | None = None, on_text=None, bf16: bool | None = None) -> list[str]:

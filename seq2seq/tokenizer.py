@@ -9,7 +9,7 @@ from pathlib import Path
 
 import sentencepiece as spm
 
-from seq2seq.config import write_text_atomic
+from seq2seq.files import atomic_path, write_text_atomic
 from seq2seq.errors import UserError
 
 log = logging.getLogger("seq2seq")
@@ -41,12 +41,14 @@ class SubwordTokenizer:
         path = Path(folder) / cls.file_name
         if not path.is_file():
             raise UserError(f"{path}: not found (is this a translator model folder?)")
-        return cls(spm.SentencePieceProcessor(model_file=str(path)))
+        try:
+            return cls(spm.SentencePieceProcessor(model_file=str(path)))
+        except (OSError, RuntimeError) as e:  # truncated or not a SentencePiece model
+            raise UserError(f"{path}: not a readable SentencePiece model ({str(e).splitlines()[0][:120]})") from None
 
     def save(self, folder: Path) -> None:
-        tmp = Path(folder) / (self.file_name + ".tmp")
-        tmp.write_bytes(self.sp.serialized_model_proto())
-        tmp.replace(Path(folder) / self.file_name)
+        with atomic_path(Path(folder) / self.file_name) as tmp:
+            tmp.write_bytes(self.sp.serialized_model_proto())
 
     def __len__(self) -> int:
         return self.sp.get_piece_size()
@@ -81,7 +83,13 @@ class CharVocab:
         path = Path(folder) / cls.file_name
         if not path.is_file():
             raise UserError(f"{path}: not found (is this a character model folder?)")
-        return cls(json.loads(path.read_text(encoding="utf-8"))["chars"][1:])
+        try:
+            chars = json.loads(path.read_text(encoding="utf-8"))["chars"]
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+            raise UserError(f"{path}: not a character vocabulary ({type(e).__name__}: {e})") from None
+        if not isinstance(chars, list) or not all(isinstance(c, str) and len(c) == 1 for c in chars):
+            raise UserError(f"{path}: \"chars\" must be a list of single characters")
+        return cls(chars[1:])
 
     def save(self, folder: Path) -> None:
         write_text_atomic(Path(folder) / self.file_name, json.dumps({"chars": self.chars}, ensure_ascii=False) + "\n")

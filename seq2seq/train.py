@@ -10,7 +10,10 @@ import json
 import logging
 import math
 import os
+import signal
+import threading
 import time
+from collections import deque
 from pathlib import Path
 
 import torch
@@ -20,7 +23,8 @@ from seq2seq import checkpoint, inference
 from seq2seq.config import Config
 from seq2seq.data import (char_streams, drop_empty, load_pairs, within_length, pad, read_text, resolve,
                           token_batches)
-from seq2seq.errors import UserError
+from seq2seq.errors import Interrupted, UserError
+from seq2seq.files import check_free_space, check_output_folder, write_text_atomic
 from seq2seq.loss import smoothed_cross_entropy
 from seq2seq.metrics import bleu_chrf
 from seq2seq.models.rnn import detach
@@ -177,6 +181,12 @@ PLAN_MEASURE_FROM, PLAN_AT = 0.05, 0.2
 # Share of the budget left unplanned, for speed that drifts over a run (other processes, longer
 # dev decodes as the model improves); the time-budget stop still catches an overrun.
 BUDGET_MARGIN = 0.03
+# Gradient health, over the median pre-clip norm of the last GRADIENT_WINDOW steps. Healthy runs
+# of the shipped presets read 0.6-1.8 (translator) and 0.14-0.53 (character model); the
+# gradient-flow report's tanh RNN with exploding recurrent weights reads above 100 unclipped.
+GRADIENT_WINDOW, VANISHING_BELOW, EXPLODING_ABOVE = 50, 1e-3, 1e2
+# Steps in a row with a non-finite loss or gradient (each skipped) before the run gives up.
+MAX_NONFINITE_IN_ROW = 10
 
 
 def learning_rate(cfg, step: int, total_steps: int | None, plateau_scale: float, anneal_start: int | None = None) -> float:
@@ -229,7 +239,7 @@ class Trainer:
             raise UserError(f"{output}: nothing to resume ({checkpoint.STATE} not found)")
         if not resume and (output / "config.json").exists():
             raise UserError(f"{output} already holds a model: pass --resume to continue it, or choose another --output")
-        output.mkdir(parents=True, exist_ok=True)
+        check_output_folder(output)
         torch.set_num_threads(self.t.threads or os.cpu_count() or 1)
         torch.manual_seed(self.t.seed)
         learning_rate(self.t, 0, None, 1.0)  # a bad schedule name fails now, before anything is written
@@ -244,11 +254,14 @@ class Trainer:
         self.model = self.task.model
         self.n_params = sum(p.numel() for p in self.model.parameters())
         log.info("model: %s, %.2fM parameters", cfg.kind, self.n_params / 1e6)
+        # best and latest weights, Adam's two moments, and a temporary copy of the largest while it is written
+        check_free_space(output, self.n_params * 4 * 6 + 2**20)
         # fused: one kernel for all parameters instead of a dozen ops per tensor
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=self.t.lr, betas=(0.9, 0.98),
                                           weight_decay=self.t.weight_decay, fused=True)
         self.progress = {"step": 0, "epoch": 0, "batch": 0, "best_score": -math.inf, "best": None, "bad_evals": 0,
                          "plateau_scale": 1.0, "total_steps": None, "anneal_start": None,
+                         "skipped_steps": 0, "nonfinite_in_row": 0, "window_tokens": 0, "window_loss": 0.0,
                          "data_dir": str(data_dir.resolve())}
         if resume:
             self._load_resume_state(state, data_dir)
@@ -262,6 +275,13 @@ class Trainer:
         self.eval_seconds = 0.0  # wall clock spent evaluating and saving since the run (or resume) started
         self.measure_from: tuple[int, float] | None = None  # (step, training seconds): the plan's speed from here
         self.last_eval_s: float | None = None
+        self.recent_norms: deque[float] = deque(maxlen=GRADIENT_WINDOW)
+        self.warned: set[str] = set()
+        self.interrupted: str | None = None
+        self.stop: str | None = None
+        self.since_eval = 0
+        if resume:
+            self._truncate_log(self.progress["step"])
         self.metrics_log = open(output / "metrics.jsonl", "a", encoding="utf-8")
         if not resume:
             self.save_resume_state()
@@ -279,6 +299,21 @@ class Trainer:
         self.task.load_extra_state(state.get("task", {}))
         log.info("resuming %s at epoch %d, step %d", self.output, self.progress["epoch"] + 1, self.progress["step"])
 
+    def _truncate_log(self, step: int) -> None:
+        """Drop the records a killed run wrote after its last saved state: the resumed run writes
+        them again, so the log reads as one uninterrupted run."""
+        path = self.output / "metrics.jsonl"
+        if not path.is_file():
+            return
+        kept = []
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                if json.loads(line).get("step", 0) <= step:
+                    kept.append(line)
+            except json.JSONDecodeError:  # the half line of a killed write
+                pass
+        write_text_atomic(path, "".join(line + "\n" for line in kept))
+
     # -- files -------------------------------------------------------------------------------
     def write_log(self, record: dict) -> None:
         self.metrics_log.write(json.dumps(record) + "\n")
@@ -288,13 +323,16 @@ class Trainer:
         checkpoint.save_weights(self.model, self.output / checkpoint.LAST)
         p = self.progress
         saved = dict(p, best_score=None if p["best_score"] == -math.inf else p["best_score"])
+        os.fsync(self.metrics_log.fileno())  # the log as far as this state: what a resume keeps
         checkpoint.save_state({"optimizer": self.optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
                                "progress": json.dumps(saved), "task": self.task.extra_state()},
                               self.output / checkpoint.STATE)
 
     # -- the parts of a run ------------------------------------------------------------------
     def train_step(self, batch) -> tuple[float, int, float, float]:
-        """One update; returns (summed loss, target count, pre-clip gradient norm, learning rate)."""
+        """One update; returns (summed loss, target count, pre-clip gradient norm, learning rate).
+        A non-finite loss or gradient skips the update (counted, logged): one bad batch, or a
+        bf16 overflow, should not end an hours-long run; MAX_NONFINITE_IN_ROW of them do."""
         p, t = self.progress, self.t
         total = p["total_steps"] if self.budget_s is not None or p["total_steps"] is not None else self.ceiling
         lr = learning_rate(t, p["step"], total, p["plateau_scale"], p["anneal_start"])
@@ -304,10 +342,50 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         (loss / max(count, 1)).backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.clip_norm, foreach=True)
-        self.optimizer.step()
+        loss, grad_norm = float(loss.detach()), float(grad_norm)
+        if math.isfinite(loss) and math.isfinite(grad_norm):
+            self.optimizer.step()
+            p["nonfinite_in_row"] = 0
+            self.watch_gradients(grad_norm)
+        else:
+            self.skip_step(loss, grad_norm, count)
         p["step"] += 1
         p["batch"] += 1
-        return float(loss.detach()), count, float(grad_norm), lr
+        return loss, count, grad_norm, lr
+
+    def skip_step(self, loss: float, grad_norm: float, count: int) -> None:
+        p = self.progress
+        p["skipped_steps"] += 1
+        p["nonfinite_in_row"] += 1
+        self.write_log({"type": "skip", "step": p["step"] + 1, "loss": str(loss / max(count, 1)),
+                        "grad_norm": str(grad_norm), "skipped_steps": p["skipped_steps"]})
+        log.warning("step %d: non-finite %s, update skipped (%d so far)", p["step"] + 1,
+                    "loss" if not math.isfinite(loss) else "gradient", p["skipped_steps"])
+        if p["nonfinite_in_row"] >= MAX_NONFINITE_IN_ROW:
+            p["step"] += 1
+            p["batch"] += 1
+            self.save_resume_state()
+            best = p["best"]["step"] if p["best"] else None
+            raise UserError(f"training diverged: {MAX_NONFINITE_IN_ROW} steps in a row had a non-finite loss or "
+                            f"gradient (up to step {p['step']}); {self.output} keeps the best model"
+                            f"{f' (step {best})' if best else ''}; --resume with a lower --set train.lr=..., "
+                            "or train.bf16=false")
+
+    def watch_gradients(self, grad_norm: float) -> None:
+        """Warn once each when the window's median pre-clip norm says gradients vanish or explode."""
+        self.recent_norms.append(grad_norm)
+        if len(self.recent_norms) < GRADIENT_WINDOW:
+            return
+        median = sorted(self.recent_norms)[GRADIENT_WINDOW // 2]
+        if median < VANISHING_BELOW and "vanishing" not in self.warned:
+            self.warned.add("vanishing")
+            log.warning("gradients are vanishing: median pre-clip norm %.2g over the last %d steps (below %g); "
+                        "an lstm or gru cell, model.forget_bias=1 or a higher train.lr may help "
+                        "(see scripts/gradient_flow.py)", median, GRADIENT_WINDOW, VANISHING_BELOW)
+        if median > EXPLODING_ABOVE and "exploding" not in self.warned:
+            self.warned.add("exploding")
+            log.warning("gradients are exploding: median pre-clip norm %.3g over the last %d steps (above %g); "
+                        "keep train.clip_norm set and lower train.lr", median, GRADIENT_WINDOW, EXPLODING_ABOVE)
 
     def evaluate(self) -> bool:
         """Validate, keep the best model, save the resume state; True when patience has run out."""
@@ -382,69 +460,95 @@ class Trainer:
         return None
 
     def run(self) -> dict:
+        """Epochs until a stop; SIGINT or SIGTERM finishes the current step, saves and stops."""
         p, t = self.progress, self.t
         self.model.train()
-        stop, since_eval = None, 0
-        window = {"tokens": 0, "seconds": self.training_seconds(), "loss": 0.0}
+        self.window_started = self.training_seconds()
+        previous = self._catch_signals()
         try:
-            while stop is None and p["epoch"] < t.max_epochs:
-                if self.batches_epoch != p["epoch"]:
-                    self.batches, self.batches_epoch = self.task.batches(p["epoch"]), p["epoch"]
-                bar = tqdm(total=len(self.batches), initial=p["batch"], desc=f"epoch {p['epoch'] + 1}",
-                           unit="batch", disable=None, mininterval=2, leave=False)
-                while p["batch"] < len(self.batches):
-                    loss, count, grad_norm, lr = self.train_step(self.batches[p["batch"]])
-                    since_eval += 1
-                    window["tokens"] += count
-                    window["loss"] += loss
-                    bar.update(1)
-                    if p["step"] % t.log_every == 0:
-                        record = self.log_train(window, grad_norm, lr)
-                        bar.set_postfix(loss=record["loss"], tok_s=int(record["tokens_per_s"]))
-                    if self.budget_s is not None and p["total_steps"] is None and self.plan_due():
-                        if self.last_eval_s is None:  # the plan needs an evaluation's cost
-                            since_eval = 0
-                            if self.evaluate():
-                                stop = f"no improvement in {t.patience} evaluations"
-                                break
-                        self.plan()
-                    stop = self.stop_reason()
-                    if stop:
-                        break
-                    if t.eval_every and p["step"] % t.eval_every == 0:
-                        since_eval = 0
-                        if self.evaluate():
-                            stop = f"no improvement in {t.patience} evaluations"
-                            break
-                bar.close()
-                if p["batch"] >= len(self.batches):
-                    p["epoch"] += 1
-                    p["batch"] = 0
-                    if stop is None and self.out_of_time():
-                        stop = f"time budget of {self.budget_s / 60:g} min used"
-                    if not t.eval_every and stop is None:
-                        since_eval = 0
-                        if self.evaluate():
-                            stop = f"no improvement in {t.patience} evaluations"
-            if since_eval:
+            while self.stop is None and p["epoch"] < t.max_epochs:
+                self.run_epoch()
+            if self.since_eval:
                 self.evaluate()
-        except KeyboardInterrupt:
-            self.save_resume_state()
-            log.info("interrupted: state saved at step %d; continue with --resume", p["step"])
-            raise
         finally:
             self.metrics_log.close()
-        log.info("finished: %s; best %s", stop or f"{t.max_epochs} epochs", p["best"])
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+        log.info("finished: %s; best %s", self.stop or f"{t.max_epochs} epochs", p["best"])
         return p["best"]
 
-    def log_train(self, window: dict, grad_norm: float, lr: float) -> dict:
+    def run_epoch(self) -> None:
+        p, t = self.progress, self.t
+        if self.batches_epoch != p["epoch"]:
+            self.batches, self.batches_epoch = self.task.batches(p["epoch"]), p["epoch"]
+        bar = tqdm(total=len(self.batches), initial=p["batch"], desc=f"epoch {p['epoch'] + 1}",
+                   unit="batch", disable=None, mininterval=2, leave=False)
+        while p["batch"] < len(self.batches) and self.stop is None:
+            loss, count, grad_norm, lr = self.train_step(self.batches[p["batch"]])
+            self.since_eval += 1
+            if math.isfinite(loss):
+                p["window_tokens"] += count
+                p["window_loss"] += loss
+            bar.update(1)
+            if p["step"] % t.log_every == 0:
+                record = self.log_train(grad_norm, lr)
+                bar.set_postfix(loss=record["loss"], tok_s=int(record["tokens_per_s"]))
+            self.after_step()
+        bar.close()
+        if p["batch"] >= len(self.batches):
+            p["epoch"] += 1
+            p["batch"] = 0
+            if self.stop is None and self.out_of_time():
+                self.stop = f"time budget of {self.budget_s / 60:g} min used"
+            if not t.eval_every and self.stop is None:
+                self.evaluate_or_stop()
+
+    def after_step(self) -> None:
+        """The plan, the stops and the step-count evaluations that may follow a step."""
+        p, t = self.progress, self.t
+        if self.interrupted:
+            self.save_resume_state()
+            raise Interrupted(f"{self.interrupted}: state saved at step {p['step']}; continue with --resume",
+                              128 + signal.Signals[self.interrupted].value)
+        if self.budget_s is not None and p["total_steps"] is None and self.plan_due():
+            if self.last_eval_s is None and self.evaluate_or_stop():  # the plan needs an evaluation's cost
+                return
+            self.plan()
+        self.stop = self.stop_reason()
+        if self.stop is None and t.eval_every and p["step"] % t.eval_every == 0:
+            self.evaluate_or_stop()
+
+    def evaluate_or_stop(self) -> bool:
+        self.since_eval = 0
+        if self.evaluate():
+            self.stop = f"no improvement in {self.t.patience} evaluations"
+        return self.stop is not None
+
+    def _catch_signals(self) -> dict:
+        """SIGINT and SIGTERM set a flag the loop reads after each step, so the saved state is one
+        between steps (a second signal stops at once, keeping the last saved state)."""
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+
+        def on_signal(signum, frame):
+            if self.interrupted:
+                raise KeyboardInterrupt
+            self.interrupted = signal.Signals(signum).name
+            log.info("%s: saving after this step (send it again to stop at once)", self.interrupted)
+
+        return {signum: signal.signal(signum, on_signal) for signum in (signal.SIGINT, signal.SIGTERM)}
+
+    def log_train(self, grad_norm: float, lr: float) -> dict:
         """A train record over the steps since the last one (throughput: training time only)."""
         p = self.progress
-        now = clock()
-        seconds = self.training_seconds() - window["seconds"]
+        seconds = self.training_seconds() - self.window_started
         record = {"type": "train", "step": p["step"], "epoch": p["epoch"] + 1,
-                  "loss": round(window["loss"] / max(window["tokens"], 1), 4), "lr": lr, "grad_norm": round(grad_norm, 3),
-                  "tokens_per_s": round(window["tokens"] / max(seconds, 1e-9), 1), "elapsed_s": round(now - self.started, 1)}
+                  "loss": round(p["window_loss"] / max(p["window_tokens"], 1), 4), "lr": lr,
+                  "grad_norm": round(grad_norm, 3), "tokens_per_s": round(p["window_tokens"] / max(seconds, 1e-9), 1),
+                  "elapsed_s": round(clock() - self.started, 1)}
+        if p["skipped_steps"]:
+            record["skipped_steps"] = p["skipped_steps"]
         self.write_log(record)
-        window.update(tokens=0, seconds=self.training_seconds(), loss=0.0)
+        p.update(window_tokens=0, window_loss=0.0)
+        self.window_started = self.training_seconds()
         return record

@@ -51,3 +51,21 @@ def random_batch(seed: int, batch: int, vocab: int = 40, min_len: int = 2, max_l
     lengths = torch.randint(min_len, max_len + 1, (batch,), generator=g).tolist()
     rows = [torch.randint(4, vocab, (n,), generator=g).tolist() for n in lengths]
     return pad(rows, 0, eos=3)
+
+
+def write_tsv_preset(tmp_path, train_file: str) -> str:
+    preset = tmp_path / "p.toml"
+    preset.write_text(f'kind = "translator"\n[data]\nformat = "tsv"\ntrain = "{train_file}"\ndev = "{train_file}"\n'
+                      '[model]\nemb_dim = 8\nenc_hidden = 8\nenc_layers = 1\ndec_hidden = 8\n'
+                      '[train]\nmax_epochs = 1\nbf16 = false\n', encoding="utf-8")
+    return str(preset)
+
+
+def train_tiny(tmp_path_factory, kind: str, *settings: str) -> Path:
+    """A model folder of the tiny preset of `kind` trained on the shipped samples, with --set `settings`."""
+    out = tmp_path_factory.mktemp("models") / f"tiny-{kind}"
+    preset = "tiny-en-fr" if kind == "translator" else "tiny-charlm"
+    sets = [arg for item in settings for arg in ("--set", item)]
+    result = run_cli("train", kind, "--preset", preset, "--data-dir", SAMPLE_DIR, "--output", out, *sets)
+    assert result.returncode == 0, result.stderr
+    return out

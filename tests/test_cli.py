@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from conftest import SAMPLE_DIR, run_cli
+from conftest import SAMPLE_DIR, run_cli, train_tiny, write_tsv_preset
 
 
 def assert_one_line_error(result, *fragments):
@@ -18,19 +18,7 @@ def assert_one_line_error(result, *fragments):
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
     """The tiny preset trained on the 20 shipped pairs (the README's main job, made small)."""
-    out = tmp_path_factory.mktemp("models") / "tiny"
-    result = run_cli("train", "translator", "--preset", "tiny-en-fr", "--data-dir", SAMPLE_DIR, "--output", out,
-                     "--set", "train.max_epochs=120")
-    assert result.returncode == 0, result.stderr
-    return out
-
-
-def write_tsv_preset(tmp_path, train_file: str) -> str:
-    preset = tmp_path / "p.toml"
-    preset.write_text(f'kind = "translator"\n[data]\nformat = "tsv"\ntrain = "{train_file}"\ndev = "{train_file}"\n'
-                      '[model]\nemb_dim = 8\nenc_hidden = 8\nenc_layers = 1\ndec_hidden = 8\n'
-                      '[train]\nmax_epochs = 1\nbf16 = false\n', encoding="utf-8")
-    return str(preset)
+    return train_tiny(tmp_path_factory, "translator", "train.max_epochs=120")
 
 
 def test_tiny_model_overfits_twenty_pairs_to_bleu_95(tiny_model):

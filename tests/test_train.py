@@ -1,5 +1,7 @@
 """The training loop: exact resume, time budget, checkpoints, and a real-corpus run."""
 import json
+import os
+import signal
 
 import pytest
 import torch
@@ -7,6 +9,7 @@ from safetensors.torch import load_file
 
 from seq2seq import checkpoint
 from seq2seq.config import Config, load_preset
+from seq2seq.errors import Interrupted
 from seq2seq.train import BUDGET_MARGIN, TASKS, plan_total_steps, train
 from conftest import SAMPLE_DIR, run_cli, shared_corpus
 
@@ -20,22 +23,22 @@ def test_resumed_run_continues_exactly(tmp_path, monkeypatch, preset, kind, extr
                                      "train.lr_schedule=cosine", *extra])
     train(cfg, SAMPLE_DIR, tmp_path / "straight")
 
-    # Ctrl-C in the 10th training step (the char LM has 6 windows an epoch: mid-epoch, with a
-    # carried hidden state), then --resume
+    # Ctrl-C (a real SIGINT) in the 10th training step (the char LM has 6 windows an epoch:
+    # mid-epoch, with a carried hidden state): the step finishes, the state is saved; then --resume
     original, calls = TASKS[kind].loss, []
 
     def interrupted(self, batch, *args, **kwargs):
         if self.model.training:
             calls.append(1)
             if len(calls) == 10:
-                raise KeyboardInterrupt
+                os.kill(os.getpid(), signal.SIGINT)
         return original(self, batch, *args, **kwargs)
 
     monkeypatch.setattr(TASKS[kind], "loss", interrupted)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(Interrupted, match="SIGINT: state saved at step 10"):
         train(cfg, SAMPLE_DIR, tmp_path / "resumed")
     monkeypatch.undo()
-    assert json.loads(torch.load(tmp_path / "resumed" / checkpoint.STATE, weights_only=True)["progress"])["step"] == 9
+    assert json.loads(torch.load(tmp_path / "resumed" / checkpoint.STATE, weights_only=True)["progress"])["step"] == 10
     train(cfg, None, tmp_path / "resumed", resume=True)
 
     straight = load_file(tmp_path / "straight" / checkpoint.LAST)

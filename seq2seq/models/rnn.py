@@ -12,11 +12,32 @@ Hidden = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
 
 
 def make_rnn(cell: str, input_size: int, hidden_size: int, layers: int, dropout: float,
-             bidirectional: bool = False) -> nn.RNNBase:
+             bidirectional: bool = False, forget_bias: float = 0.0) -> nn.RNNBase:
+    """forget_bias 0 keeps PyTorch's initialisation; otherwise an LSTM's forget gates start with
+    that total bias (see `set_forget_bias`)."""
     if cell not in CELLS:
         raise UserError(f"model.cell must be one of {', '.join(CELLS)}, got {cell!r}")
-    return CELLS[cell](input_size, hidden_size, num_layers=layers, batch_first=True,
-                       dropout=dropout if layers > 1 else 0.0, bidirectional=bidirectional)
+    rnn = CELLS[cell](input_size, hidden_size, num_layers=layers, batch_first=True,
+                      dropout=dropout if layers > 1 else 0.0, bidirectional=bidirectional)
+    if forget_bias:
+        set_forget_bias(rnn, forget_bias)
+    return rnn
+
+
+def set_forget_bias(rnn: nn.RNNBase, value: float) -> None:
+    """Give an LSTM's forget gates a total bias of `value` (Jozefowicz et al. 2015 use 1). PyTorch
+    draws both biases near 0, so the gate starts near 0.5 and the cell state halves each step.
+    Gate order is i, f, g, o; bias_ih and bias_hh add up, so one carries the value, the other 0.
+    Other cells have no forget gate and are left as they are."""
+    if not isinstance(rnn, nn.LSTM):
+        return
+    size = rnn.hidden_size
+    with torch.no_grad():
+        for name, param in rnn.named_parameters():
+            if name.startswith("bias_ih"):
+                param[size : 2 * size] = value
+            elif name.startswith("bias_hh"):
+                param[size : 2 * size] = 0.0
 
 
 _CELL_KERNELS = {nn.LSTM: torch._VF.lstm_cell, nn.GRU: torch._VF.gru_cell, nn.RNN: torch._VF.rnn_tanh_cell}
