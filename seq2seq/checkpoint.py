@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import json
 import pickle
+import zipfile
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, save_file
 
 from seq2seq.config import Config
+from seq2seq.device import resolve as resolve_device
 from seq2seq.files import atomic_path, write_text_atomic
 from seq2seq.errors import UserError
 
@@ -24,24 +26,45 @@ BEST, LAST, STATE = "model.safetensors", "resume.safetensors", "train_state.pt"
 
 
 def save_weights(model: torch.nn.Module, path: Path) -> None:
+    """The weights as safetensors, from any device. Each tensor is copied to its own CPU storage:
+    cuDNN keeps an LSTM's weights as views of one flat buffer, which safetensors refuses, and
+    tied weights (the output layer sharing the embedding) are stored once, under the first name."""
+    tensors, seen = {}, set()
+    for name, tensor in model.state_dict().items():
+        key = (tensor.data_ptr(), tuple(tensor.shape), tensor.dtype)
+        if key not in seen:
+            seen.add(key)
+            tensors[name] = tensor.detach().to("cpu", copy=True).contiguous()
     with atomic_path(path) as tmp:
-        save_model(model, str(tmp))  # handles tied (shared) weights, unlike save_file
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
 
 
 def load_weights(model: torch.nn.Module, path: Path) -> None:
+    """Copy saved weights into `model`, on whatever device and in whatever dtype it has (a
+    release's fp16 weights into an fp32 model, CPU files into a CUDA model)."""
     if not path.is_file():
         raise UserError(f"{path}: not found")
     try:
-        missing, unexpected = load_model(model, str(path), strict=False)
+        saved = load_file(str(path))
     except SafetensorError as e:  # cut short (a broken download) or not safetensors at all
         raise UserError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0][:160]}); "
                         "it may be truncated: copy or download it again") from None
-    except RuntimeError as e:  # shapes differ: the weights belong to another configuration
-        raise UserError(f"{path}: {_mismatch(model, path) or 'weights do not match config.json'} "
-                        f"({str(e).splitlines()[0][:160]})") from None
+    own = model.state_dict()
+    tied: dict[tuple, list[str]] = {}  # names that share one tensor (tied weights): saved once
+    for name, tensor in own.items():
+        tied.setdefault((tensor.data_ptr(), tuple(tensor.shape)), []).append(name)
+    missing = [names[0] for names in tied.values() if not any(n in saved for n in names)]
+    unexpected = sorted(set(saved) - set(own))
     if missing or unexpected:
-        raise UserError(f"{path}: weights do not match the config (missing {sorted(missing)[:3]}, "
-                        f"unexpected {sorted(unexpected)[:3]})")
+        raise UserError(f"{path}: {_mismatch(model, path) or 'weights do not match the config'} "
+                        f"(missing {sorted(missing)[:3]}, unexpected {unexpected[:3]})")
+    with torch.no_grad():
+        for names in tied.values():
+            name = next(n for n in names if n in saved)
+            if saved[name].shape != own[name].shape:
+                raise UserError(f"{path}: {_mismatch(model, path) or 'weights do not match config.json'} "
+                                f"({name}: saved {tuple(saved[name].shape)}, config {tuple(own[name].shape)})")
+            own[name].copy_(saved[name])
 
 
 def _mismatch(model: torch.nn.Module, path: Path) -> str | None:
@@ -64,14 +87,17 @@ def save_state(state: dict, path: Path) -> None:
 def load_state(path: Path) -> dict:
     """The resume state, read without running code: tensors, numbers and strings only. Anything
     else (a pickle built to run code on load) is refused before it can run."""
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; anything else is damaged or foreign
+        raise UserError(f"{path}: not a readable resume state (not a torch checkpoint: cut short, or "
+                        "another kind of file)")
     try:
-        return torch.load(path, weights_only=True)
+        return torch.load(path, weights_only=True, map_location="cpu")
     except pickle.UnpicklingError as e:
         found = str(e).split("WeightsUnpickler error:")[-1].strip().splitlines()[0][:120]
         raise UserError(f"{path}: refused: it holds more than tensors and numbers ({found}); a resume state "
                         "written by seq2seq never does, so this file is damaged or was crafted; "
                         "delete it and start a new run in another --output") from None
-    except (RuntimeError, EOFError, OSError) as e:  # truncated or not a torch file
+    except Exception as e:  # a damaged archive fails in many ways, all meaning "cannot read this"
         raise UserError(f"{path}: not a readable resume state ({str(e).splitlines()[0][:160]})") from None
 
 
@@ -87,8 +113,8 @@ def build(cfg: Config, tokenizer):
     return model_cls(cfg.model, len(tokenizer))
 
 
-def load(folder: str | Path, weights: str = BEST):
-    """(config, model in eval mode, tokenizer) of a model folder."""
+def load(folder: str | Path, weights: str = BEST, device: str = "cpu"):
+    """(config, model in eval mode on `device`, tokenizer) of a model folder."""
     from seq2seq.tokenizer import CharVocab, SubwordTokenizer
 
     folder = Path(folder)
@@ -96,7 +122,7 @@ def load(folder: str | Path, weights: str = BEST):
         raise UserError(f"{folder}: model folder not found")
     cfg = Config.load(folder / "config.json")
     tokenizer = (SubwordTokenizer if cfg.kind == "translator" else CharVocab).load(folder)
-    model = build(cfg, tokenizer)
+    model = build(cfg, tokenizer).to(resolve_device(device))
     load_weights(model, folder / weights)
     model.eval()
     return cfg, model, tokenizer

@@ -55,6 +55,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--time-budget", type=float, metavar="MINUTES", help="stop cleanly after this much wall clock")
     p.add_argument("--output", type=Path, help="model folder (default checkpoints/PRESET)")
     p.add_argument("--resume", action="store_true", help="continue the run saved in --output")
+    add_device_arg(p)
     p.add_argument("--skip-bad-lines", action="store_true",
                    help="translator: skip TSV lines that are not source<TAB>target (counted in the log) instead of stopping")
 
@@ -117,10 +118,16 @@ def add_decoding_args(p: argparse.ArgumentParser, beam_default: int | None = 5) 
     add_precision_arg(p)
 
 
+def add_device_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="where to run: auto (the GPU where CUDA is present, else the CPU), cpu or cuda")
+
+
 def add_precision_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
-                   help="decoding arithmetic; auto: bf16 where the CPU computes it natively (AVX-512 BF16, AMX), "
-                        "else fp32")
+                   help="decoding arithmetic; auto: bf16 where the device computes it natively (AVX-512 BF16 or "
+                        "AMX CPUs, Ampere and later GPUs), else fp32")
+    add_device_arg(p)
 
 
 def bf16_choice(args) -> bool | None:
@@ -135,6 +142,8 @@ def cmd_train(args) -> None:
             raise UserError("--resume needs --output, the folder of the run to continue")
         if args.preset:
             raise UserError("--resume continues the run in --output with its own config: drop --preset")
+        if args.skip_bad_lines:
+            raise UserError("--resume reads the data as the run began; --skip-bad-lines is for a new run")
         if any(item.strip().startswith(("model.", "data.")) for item in args.set):
             raise UserError("--resume can change train.* settings only; model and data are fixed by the run")
         cfg = Config.load(args.output / "config.json")
@@ -150,8 +159,9 @@ def cmd_train(args) -> None:
         raise UserError(f"{args.output} holds a {cfg.kind} model, not a {args.kind}")
     output = args.output or Path("checkpoints") / cfg.preset
     data_dir = args.data_dir or (None if args.resume else default_data_dir())
-    best = train(cfg, data_dir, output, time_budget=args.time_budget, resume=args.resume)
-    print(json.dumps({"output": str(output), "best": best}))
+    best = train(cfg, data_dir, output, time_budget=args.time_budget, resume=args.resume, device=args.device)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, one answer for the run
+        print(json.dumps({"output": str(output), "best": best}))
 
 
 def read_inputs(args) -> list[str]:
@@ -198,11 +208,11 @@ def released_model(kind: str) -> Path:
     return folder
 
 
-def load_kind(folder: Path | None, kind: str):
+def load_kind(folder: Path | None, kind: str, device: str = "cpu"):
     from seq2seq import checkpoint
 
     folder = folder or released_model(kind)
-    cfg, model, tokenizer = checkpoint.load(folder)
+    cfg, model, tokenizer = checkpoint.load(folder, device=device)
     if kind and cfg.kind != kind:
         raise UserError(f"{folder} holds a {cfg.kind} model; this command needs a {kind}")
     return cfg, model, tokenizer
@@ -226,8 +236,10 @@ def cmd_translate(args) -> None:
     if args.attention_png:
         from seq2seq.plots import require_matplotlib
         require_matplotlib()  # before any work: a missing extra is a hint, not a late traceback
-    _, model, tokenizer = load_kind(args.model, "translator")
+    _, model, tokenizer = load_kind(args.model, "translator", args.device)
     lines = read_inputs(args)
+    if args.attention_png and (not lines or not lines[0].strip()):
+        raise UserError("--attention-png draws the first sentence's attention, and there is none")
     results = translate(model, tokenizer, lines, beam=args.beam, nbest=args.nbest, batch_size=args.batch_size,
                         max_len_ratio=args.max_len_ratio, length_penalty=args.length_penalty,
                         progress=len(lines) > 1000, bf16=bf16_choice(args))
@@ -244,9 +256,8 @@ def draw_attention(model, tokenizer, lines: list[str], args) -> None:
     from seq2seq.inference import attention_map
     from seq2seq.plots import attention
 
-    if not lines or not lines[0].strip():
-        raise UserError("--attention-png draws the first sentence's attention, and there is none")
-    weights, source, target = attention_map(model, tokenizer, lines[0], beam=args.beam, bf16=bf16_choice(args))
+    weights, source, target = attention_map(model, tokenizer, lines[0], beam=args.beam, bf16=bf16_choice(args),
+                                            max_len_ratio=args.max_len_ratio, length_penalty=args.length_penalty)
     attention(weights.numpy(), source, target, args.attention_png)
     print(f"seq2seq: attention of {lines[0][:40]!r} drawn in {args.attention_png}", file=sys.stderr)
 
@@ -266,7 +277,7 @@ def cmd_generate(args) -> None:
         raise UserError(f"--top-p must be in (0, 1], got {args.top_p}")
     if args.beam and args.num_samples > 1:
         raise UserError("--beam gives one best continuation: drop --num-samples, or sample without --beam")
-    _, model, vocab = load_kind(args.model, "charlm")
+    _, model, vocab = load_kind(args.model, "charlm", args.device)
     if args.prompt and all(c not in vocab.index for c in args.prompt):
         raise UserError(f"--prompt {args.prompt[:40]!r}: the model has seen none of its characters; "
                         "give a prompt in the training text's alphabet, or none")
@@ -298,7 +309,8 @@ def cmd_evaluate(args) -> None:
     if args.text and (args.src or args.ref or args.tsv):
         raise UserError("--text scores a character model, --src/--ref or --tsv a translator: give one kind")
     check_outputs(args.hyp_output)
-    cfg, model, tokenizer = checkpoint.load(args.model or released_model("charlm" if args.text else "translator"))
+    cfg, model, tokenizer = checkpoint.load(args.model or released_model("charlm" if args.text else "translator"),
+                                            device=args.device)
     started = time.perf_counter()
     if cfg.kind == "translator":
         result = evaluate_translator(args, model, tokenizer)
@@ -337,7 +349,7 @@ def evaluate_translator(args, model, tokenizer) -> dict:
     if args.hyp_output:
         write_output(texts, args.hyp_output)
     result = bleu_chrf(texts, [r for _, r in pairs])
-    result.update(beam=beam, precision="bf16" if decoding_bf16(bf16_choice(args)) else "fp32",
+    result.update(beam=beam, precision="bf16" if decoding_bf16(bf16_choice(args), model.embed.weight.device) else "fp32",
                   sentences_per_s=round(len(texts) / max(seconds, 1e-9), 1))
     return result
 

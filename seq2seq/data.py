@@ -70,15 +70,17 @@ def read_tsv(path: str | Path, skip_bad_lines: bool = False) -> list[tuple[str, 
     return pairs
 
 
-def read_hf(cfg: TranslatorData, split: str) -> list[tuple[str, str]]:
-    """A split of a Hugging Face dataset: a hub name (needs internet) or a local loader + files."""
+def read_hf(cfg: TranslatorData, split: str, data_dir: Path = Path(".")) -> list[tuple[str, str]]:
+    """A split of a Hugging Face dataset: a hub name (needs internet) or a local loader + files
+    (a relative data.hf_data_files starts at data_dir, as every other data path does)."""
     import datasets
 
     kwargs = {"split": split}
     if cfg.hf_name:
         kwargs["name"] = cfg.hf_name
     if cfg.hf_data_files:
-        kwargs["data_files"] = {split: cfg.hf_data_files.format(split=split)}
+        files = cfg.hf_data_files.format(split=split)
+        kwargs["data_files"] = {split: files if "://" in files else str(resolve(data_dir, files))}
     try:
         table = datasets.load_dataset(cfg.hf_path, **kwargs)
     except Exception as e:  # datasets raises many types; all mean "could not load this"
@@ -122,7 +124,7 @@ def load_pairs(cfg: TranslatorData, data_dir: Path, split: str) -> list[tuple[st
 
 def read_corpus(cfg: TranslatorData, data_dir: Path, name: str, fmt: str) -> list[tuple[str, str]]:
     if fmt == "hf":
-        return read_hf(cfg, name)
+        return read_hf(cfg, name, data_dir)
     if fmt == "tsv":
         return read_tsv(resolve(data_dir, name), cfg.skip_bad_lines)
     if fmt == "parallel":

@@ -15,7 +15,7 @@ def atomic_path(path: str | Path):
     """Yields a temporary path beside `path` to write; on success it is fsynced and renamed over
     `path` (and the folder fsynced, so the rename itself survives a power cut)."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f".{path.name}.tmp")  # one fixed name: a write killed midway leaves no pile of them
     try:
         yield tmp
         with open(tmp, "rb+") as f:

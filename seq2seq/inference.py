@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 
 import torch
 from tqdm import tqdm
 
 from seq2seq import search
-from seq2seq.cpu import native_bf16
+from seq2seq.device import autocast, native_bf16
+from seq2seq.device import of as device_of
 from seq2seq.data import pad
 from seq2seq.metrics import char_scores
 from seq2seq.models.charlm import CharLM
@@ -17,15 +18,11 @@ from seq2seq.models.rnn import detach
 from seq2seq.tokenizer import BOS, EOS, PAD, CharVocab, SubwordTokenizer
 
 
-def autocast(enabled: bool):
-    return torch.autocast("cpu", dtype=torch.bfloat16) if enabled else nullcontext()
-
-
-def decoding_bf16(bf16: bool | None) -> bool:
-    """None picks the fastest mode of this CPU: bf16 where it computes bf16 natively (Multi30k
+def decoding_bf16(bf16: bool | None, device: torch.device | str = "cpu") -> bool:
+    """None picks the fastest mode of the device: bf16 where it computes bf16 natively (Multi30k
     test, released en-fr: 50.70 BLEU against fp32's 50.75 at beam 5), fp32 elsewhere, where
     emulated bf16 is slower."""
-    return native_bf16() if bf16 is None else bf16
+    return native_bf16(device) if bf16 is None else bf16
 
 
 @contextmanager
@@ -34,7 +31,7 @@ def decoding(model, bf16: bool):
     region, so a region should span a whole call. Not inference_mode: under it autocast casts
     the weights again at every step."""
     model.eval()
-    with torch.no_grad(), autocast(bf16):
+    with torch.no_grad(), autocast(bf16, device_of(model)):
         yield
 
 
@@ -55,7 +52,8 @@ def translate(model: Translator, tokenizer: SubwordTokenizer, lines: list[str], 
     it natively (see `decoding_bf16`)."""
     if beam < 1 or nbest < 1 or nbest > beam:
         raise ValueError(f"need 1 <= nbest ({nbest}) <= beam ({beam})")
-    bf16 = decoding_bf16(bf16)
+    device = device_of(model)
+    bf16 = decoding_bf16(bf16, device)
     batch_size = batch_size or max(1, BATCH_ROWS // beam)
     ids = tokenizer.encode([line.strip() for line in lines])
     results: list[list[tuple[str, float]]] = [[("", 0.0)] * nbest for _ in lines]
@@ -64,8 +62,8 @@ def translate(model: Translator, tokenizer: SubwordTokenizer, lines: list[str], 
     with decoding(model, bf16):
         for batch in tqdm(batches, desc="translating", unit="batch", disable=not progress, leave=False):
             src, src_len = pad([ids[i] for i in batch], PAD, eos=EOS)
-            state = model.start(src, src_len)
-            first = torch.full((len(batch),), BOS, dtype=torch.long)
+            state = model.start(src.to(device), src_len)
+            first = torch.full((len(batch),), BOS, dtype=torch.long, device=device)
             max_lens = max_output_lengths(src_len - 1, max_len_ratio)
             if beam == 1:
                 hyps = [[h] for h in search.greedy(model, state, first, max_lens, eos=EOS)]
@@ -79,26 +77,29 @@ def translate(model: Translator, tokenizer: SubwordTokenizer, lines: list[str], 
 
 
 def attention_map(model: Translator, tokenizer: SubwordTokenizer, line: str, beam: int = 5,
-                  bf16: bool | None = None) -> tuple[torch.Tensor, list[str], list[str]]:
+                  bf16: bool | None = None, max_len_ratio: float = 2.0,
+                  length_penalty: float = 1.0) -> tuple[torch.Tensor, list[str], list[str]]:
     """The attention weights (target x source, each row sums to 1) of `line`'s best translation,
     with the source and target subwords (and </s>) that label them. The translation is decoded,
     then read back teacher-forced: with dropout off, the same weights the search used."""
     ids = tokenizer.encode([line.strip()])[0]
     if not ids:
         raise ValueError("an empty sentence has no attention to draw")
+    device = device_of(model)
     src, src_len = pad([ids], PAD, eos=EOS)
+    src = src.to(device)
     captured = []
-    with decoding(model, decoding_bf16(bf16)):
-        state, first = model.start(src, src_len), torch.tensor([BOS])
-        max_lens = max_output_lengths(src_len - 1, 2.0)
+    with decoding(model, decoding_bf16(bf16, device)):
+        state, first = model.start(src, src_len), torch.tensor([BOS], device=device)
+        max_lens = max_output_lengths(src_len - 1, max_len_ratio)
         best = (search.greedy(model, state, first, max_lens, eos=EOS)[0] if beam == 1 else
-                search.beam_search(model, state, first, max_lens, beam, eos=EOS)[0][0])
+                search.beam_search(model, state, first, max_lens, beam, eos=EOS, length_penalty=length_penalty)[0][0])
         hook = model.attention.register_forward_hook(lambda module, inputs, output: captured.append(output[1]))
         try:
-            model(src, src_len, torch.tensor([[BOS] + best.tokens]))
+            model(src, src_len, torch.tensor([[BOS] + best.tokens], device=device))
         finally:
             hook.remove()
-    weights = torch.cat(captured, dim=1)[0].float()  # one call (B, T, S), or T step calls (B, 1, S)
+    weights = torch.cat(captured, dim=1)[0].float().cpu()  # one call (B, T, S), or T step calls (B, 1, S)
     pieces = tokenizer.sp.id_to_piece
     return weights, [pieces(i) for i in ids] + ["</s>"], [pieces(i) for i in best.tokens] + ["</s>"]
 
@@ -114,13 +115,14 @@ def generate(model: CharLM, vocab: CharVocab, prompts: list[str], max_chars: int
     prompts = [p or "\n" for p in prompts]  # an empty prompt starts as after a line break
     if len({len(p) for p in prompts}) > 1:
         raise ValueError("prompts decoded together must have the same length")
-    ids = torch.tensor([vocab.encode(p, warn=True) for p in prompts], dtype=torch.long)
-    with decoding(model, decoding_bf16(bf16)):
+    device = device_of(model)
+    ids = torch.tensor([vocab.encode(p, warn=True) for p in prompts], dtype=torch.long, device=device)
+    with decoding(model, decoding_bf16(bf16, device)):
         state, first = model.start(ids), ids[:, -1]
         if beam > 0:
             best = search.beam_search(model, state, first, max_chars, beam, length_penalty=length_penalty)
             return [vocab.decode(hyps[0].tokens) for hyps in best]
-        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
         on_step = None
         if on_text is not None and len(prompts) == 1:
             on_step = lambda rows, tokens: on_text(vocab.decode(tokens.tolist()))  # noqa: E731
@@ -138,7 +140,9 @@ def score_text(model: CharLM, ids: torch.Tensor, context: torch.Tensor | None = 
     characters before it (from `context` for the first chunk), unscored, so no chunk starts cold.
     """
     model.eval()
-    context = torch.zeros(0, dtype=torch.long) if context is None else context
+    device = device_of(model)
+    context = torch.zeros(0, dtype=torch.long) if context is None else context.cpu()
+    ids = ids.cpu()
     full = torch.cat([context, ids])
     n, offset = ids.numel(), context.numel()
     streams = max(1, min(streams, n // 64 or 1))
@@ -158,12 +162,12 @@ def score_text(model: CharLM, ids: torch.Tensor, context: torch.Tensor | None = 
     scored[:, 0] = False
     hidden = None
     for t in range(0, width - 1, window):
-        x, y = inputs[:, t : t + window], inputs[:, t + 1 : t + window + 1]
+        x, y = inputs[:, t : t + window].to(device), inputs[:, t + 1 : t + window + 1].to(device)
         x = x[:, : y.size(1)]
-        with autocast(bf16):
+        with autocast(bf16, device):
             logits, hidden = model(x, hidden)
         hidden = detach(hidden)
-        nll = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), y, reduction="none")
+        nll = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), y, reduction="none").cpu()
         mask = scored[:, t + 1 : t + 1 + y.size(1)]
         total_nats += float(nll[mask].double().sum())
         counted += int(mask.sum())

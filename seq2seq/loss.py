@@ -27,7 +27,7 @@ class _SmoothedCrossEntropy(torch.autograd.Function):
         want_grad = ctx.needs_input_grad[0]
         grad = torch.empty_like(logits) if want_grad else None
         vocab = logits.size(-1)
-        total = torch.zeros((), dtype=dtype)
+        total = torch.zeros((), dtype=dtype, device=logits.device)
         chunk = max(1, CHUNK_ELEMENTS // vocab)
         for start in range(0, logits.size(0), chunk):
             rows = slice(start, start + chunk)
@@ -60,5 +60,9 @@ def smoothed_cross_entropy(logits: torch.Tensor, target: torch.Tensor, smoothing
                            ignore_index: int = -100, grad_scale: float = 1.0) -> torch.Tensor:
     """Summed label-smoothed cross-entropy of logits (N, V) against target (N,), as
     F.cross_entropy(..., label_smoothing=smoothing, ignore_index=ignore_index, reduction="sum").
-    `grad_scale` is only a hint of the backward pass's incoming gradient: results never depend on it."""
+    `grad_scale` is only a hint of the backward pass's incoming gradient: results never depend on it.
+    The chunked kernel is for CPUs (caches); a GPU runs PyTorch's own fused one."""
+    if logits.device.type != "cpu":
+        return torch.nn.functional.cross_entropy(logits.float(), target, label_smoothing=smoothing,
+                                                 ignore_index=ignore_index, reduction="sum")
     return _SmoothedCrossEntropy.apply(logits, target, smoothing, ignore_index, grad_scale)

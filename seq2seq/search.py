@@ -29,10 +29,10 @@ class Hypothesis:
     score: float  # log-probability; for beam search divided by length ** length_penalty
 
 
-def _as_lengths(max_lens, batch: int) -> torch.Tensor:
+def _as_lengths(max_lens, batch: int, device: torch.device) -> torch.Tensor:
     if isinstance(max_lens, int):
-        return torch.full((batch,), max_lens, dtype=torch.long)
-    return torch.as_tensor(max_lens, dtype=torch.long).clone()
+        return torch.full((batch,), max_lens, dtype=torch.long, device=device)
+    return torch.as_tensor(max_lens, dtype=torch.long).to(device, copy=True)
 
 
 def _token_log_probs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -44,12 +44,12 @@ def _decode(model, state, first_tokens: torch.Tensor, max_lens, eos: int | None,
             choose: Callable[[torch.Tensor], torch.Tensor],
             on_step: Callable[[torch.Tensor, torch.Tensor], None] | None = None) -> list[Hypothesis]:
     """One token per step per row, `choose(logits) -> tokens`, until EOS or the row's max length."""
-    batch = first_tokens.size(0)
-    max_lens = _as_lengths(max_lens, batch)
+    batch, device = first_tokens.size(0), first_tokens.device
+    max_lens = _as_lengths(max_lens, batch, device)
     steps = int(max_lens.max()) if batch else 0
-    rows = torch.arange(batch)  # the sentence each row of the state decodes
+    rows = torch.arange(batch, device=device)  # the sentence each row of the state decodes
     row_max = max_lens.clone()
-    finished = torch.zeros(batch, dtype=torch.bool)
+    finished = torch.zeros(batch, dtype=torch.bool, device=device)
     n_finished = 0
     record: list[tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]] = []  # rows, tokens, log-probs
     tokens = first_tokens
@@ -84,8 +84,8 @@ def _decode(model, state, first_tokens: torch.Tensor, max_lens, eos: int | None,
     t = 0
     for rows_then, token_steps, logp_steps in record:
         span = slice(t, t + len(token_steps))
-        seqs[rows_then, span] = torch.stack(token_steps, 1)
-        log_probs[rows_then, span] = torch.stack(logp_steps, 1).double()
+        seqs[rows_then.cpu(), span] = torch.stack(token_steps, 1).cpu()
+        log_probs[rows_then.cpu(), span] = torch.stack(logp_steps, 1).double().cpu()
         t += len(token_steps)
     out = []
     for row, logp, limit in zip(seqs.tolist(), log_probs.tolist(), max_lens.tolist()):
@@ -140,17 +140,17 @@ def beam_search(model, state, first_tokens, max_lens, beam_size: int, eos: int |
     """
     if nbest > beam_size:
         raise ValueError(f"nbest ({nbest}) cannot exceed the beam size ({beam_size})")
-    batch, k = first_tokens.size(0), beam_size
-    max_lens = _as_lengths(max_lens, batch)
-    expand = torch.arange(batch).repeat_interleave(k)
+    batch, k, device = first_tokens.size(0), beam_size, first_tokens.device
+    max_lens = _as_lengths(max_lens, batch, device)
+    expand = torch.arange(batch, device=device).repeat_interleave(k)
     state = model.reorder_state(state, expand, None)
     tokens = first_tokens.index_select(0, expand)
-    scores = torch.full((batch, k), float("-inf"))
+    scores = torch.full((batch, k), float("-inf"), device=device)
     scores[:, 0] = 0.0
-    seqs = torch.zeros(batch * k, 0, dtype=torch.long)
-    active = torch.arange(batch)
+    seqs = torch.zeros(batch * k, 0, dtype=torch.long, device=device)
+    active = torch.arange(batch, device=device)
     finished: list[list[Hypothesis]] = [[] for _ in range(batch)]
-    n_finished = torch.zeros(batch, dtype=torch.long)
+    n_finished = torch.zeros(batch, dtype=torch.long, device=device)
     length = 0
     while active.numel():
         length += 1
@@ -166,7 +166,7 @@ def beam_search(model, state, first_tokens, max_lens, beam_size: int, eos: int |
         top_tokens = row_tokens.view(n, -1).gather(1, top_ids)
         is_eos = top_tokens == eos if eos is not None else torch.zeros_like(top_tokens, dtype=torch.bool)
         last_step = length >= max_lens[active]
-        in_top_k = torch.arange(width) < k
+        in_top_k = torch.arange(width, device=device) < k
         finishing = (is_eos | last_step.unsqueeze(1)) & in_top_k & (top_scores > float("-inf"))
         rows, cols = finishing.nonzero(as_tuple=True)
         if rows.numel():

@@ -2,7 +2,8 @@
 
 A task has: `model`, `tokenizer`, `batches(epoch)` (deterministic given the seed and epoch),
 `loss(batch) -> (summed loss, target count)`, `validate() -> metrics with a "score" (higher is
-better)`, and `extra_state()` / `load_extra_state()` for what must survive a resume.
+better)`, `extra_state()` / `load_extra_state()` for what must survive a resume, and
+`forget_state()` to drop a carried state after a non-finite step.
 """
 from __future__ import annotations
 
@@ -20,6 +21,9 @@ import torch
 from tqdm import tqdm
 
 from seq2seq import checkpoint, inference
+from seq2seq.device import autocast
+from seq2seq.device import resolve as resolve_device
+from seq2seq.distributed import Cluster
 from seq2seq.config import Config
 from seq2seq.data import (char_streams, drop_empty, load_pairs, within_length, pad, read_text, resolve,
                           token_batches)
@@ -65,6 +69,17 @@ class TranslationTask:
         log.info("train: %d pairs, %d target tokens; dev: %d pairs", len(self.src_ids),
                  sum(map(len, self.tgt_ids)), len(self.dev_src))
         self.model = checkpoint.build(cfg, tokenizer)
+        self.forward = self.model  # what training calls: the model, or its DistributedDataParallel wrapper
+        self.device = torch.device("cpu")
+        self.rank, self.world = 0, 1
+
+    def to(self, device: torch.device) -> None:
+        self.device = device
+        self.model.to(device)
+
+    def shard(self, rank: int, world: int) -> None:
+        """Rank `rank` of `world` takes every world-th batch of the epoch's one shuffled order."""
+        self.rank, self.world = rank, world
 
     def batches(self, epoch: int) -> list:
         d, t = self.cfg.data, self.cfg.train
@@ -76,14 +91,19 @@ class TranslationTask:
             tgt_ids = self.tokenizer.encode(self.train_tgt, d.sample_alpha)
         order = token_batches([len(s) + 1 for s in src_ids], [len(s) + 1 for s in tgt_ids], t.batch_tokens,
                               seed=t.seed * 1000 + epoch)
+        if self.world > 1:  # the same number for every rank: they step together
+            order = order[self.rank :: self.world][: len(order) // self.world]
         return [([src_ids[i] for i in b], [tgt_ids[i] for i in b]) for b in order]
 
     def loss(self, batch, smoothing: float | None = None, teacher_forcing: float | None = None) -> tuple[torch.Tensor, int]:
         src, src_len = pad(batch[0], PAD, eos=EOS)
         tgt, _ = pad(batch[1], PAD, bos=BOS, eos=EOS)
+        if self.device.type == "cuda":  # pinned pages let the copy overlap the GPU's work
+            src, tgt = src.pin_memory().to(self.device, non_blocking=True), tgt.pin_memory().to(self.device, non_blocking=True)
         ratio = self.cfg.train.teacher_forcing if teacher_forcing is None else teacher_forcing
-        with inference.autocast(self.cfg.train.bf16):
-            logits = self.model(src, src_len, tgt[:, :-1], teacher_forcing=ratio)
+        net = self.forward if self.model.training else self.model
+        with autocast(self.cfg.train.bf16, self.device):
+            logits = net(src, src_len, tgt[:, :-1], teacher_forcing=ratio)
         target = tgt[:, 1:]
         count = int((target != PAD).sum())
         smoothing = self.cfg.train.label_smoothing if smoothing is None else smoothing
@@ -112,6 +132,9 @@ class TranslationTask:
     def extra_state(self) -> dict:
         return {}
 
+    def forget_state(self) -> None:
+        pass
+
     def load_extra_state(self, state: dict) -> None:
         pass
 
@@ -131,7 +154,19 @@ class CharLMTask:
         log.info("text: %d characters, vocabulary %d; train %d, validation %d characters",
                  len(text), len(self.tokenizer), split, len(text) - split)
         self.model = checkpoint.build(cfg, self.tokenizer)
+        self.forward = self.model  # what training calls: the model, or its DistributedDataParallel wrapper
         self.hidden = None
+
+    def to(self, device: torch.device) -> None:
+        self.model.to(device)
+        self.streams = self.streams.to(device)
+
+    def shard(self, rank: int, world: int) -> None:
+        """Rank `rank` of `world` reads its own block of the batch_size streams."""
+        if self.streams.size(0) % world:
+            raise UserError(f"train.batch_size {self.streams.size(0)} must divide by the {world} processes")
+        per = self.streams.size(0) // world
+        self.streams = self.streams[rank * per : (rank + 1) * per]
 
     def batches(self, epoch: int) -> list:
         return list(range(0, self.streams.size(1) - 1, self.cfg.train.bptt))
@@ -142,8 +177,8 @@ class CharLMTask:
         x = self.streams[:, start : start + self.cfg.train.bptt]
         y = self.streams[:, start + 1 : start + 1 + self.cfg.train.bptt]
         x = x[:, : y.size(1)]
-        with inference.autocast(self.cfg.train.bf16):
-            logits, hidden = self.model(x, self.hidden)
+        with autocast(self.cfg.train.bf16, x.device):
+            logits, hidden = self.forward(x, self.hidden)
         self.hidden = detach(hidden)  # truncated BPTT: carry the state, not its graph
         loss = smoothed_cross_entropy(logits.flatten(0, 1), y.flatten(), grad_scale=1 / y.numel())
         return loss, y.numel()
@@ -155,14 +190,17 @@ class CharLMTask:
         return {"valid_nats_per_char": round(scores["nats_per_char"], 4),
                 "valid_bits_per_char": round(scores["bits_per_char"], 4), "score": -scores["nats_per_char"]}
 
+    def forget_state(self) -> None:
+        self.hidden = None
+
     def extra_state(self) -> dict:
         if self.hidden is None:
             return {}
         hidden = self.hidden if isinstance(self.hidden, tuple) else (self.hidden,)
-        return {f"hidden{i}": h for i, h in enumerate(hidden)}
+        return {f"hidden{i}": h.cpu() for i, h in enumerate(hidden)}
 
     def load_extra_state(self, state: dict) -> None:
-        parts = [state[f"hidden{i}"] for i in range(2) if f"hidden{i}" in state]
+        parts = [state[f"hidden{i}"].to(self.streams.device) for i in range(2) if f"hidden{i}" in state]
         self.hidden = None if not parts else (tuple(parts) if len(parts) == 2 else parts[0])
 
 
@@ -221,58 +259,81 @@ def plan_total_steps(budget_s: float, elapsed_s: float, step: int, step_s: float
 
 
 def train(cfg: Config, data_dir: Path | None, output: Path, time_budget: float | None = None,
-          resume: bool = False) -> dict:
+          resume: bool = False, device: str = "auto") -> dict:
     """Train into `output`; returns the best evaluation. `time_budget` is in minutes of wall clock:
     the run plans its step count (and so its learning-rate schedule) to end when it is spent.
-    On resume, `data_dir` None means the folder the run was started with."""
-    return Trainer(cfg, data_dir, Path(output), time_budget, resume).run()
+    On resume, `data_dir` None means the folder the run was started with. `device`: auto (CUDA
+    where present), cpu or cuda."""
+    return Trainer(cfg, data_dir, Path(output), time_budget, resume, device).run()
 
 
 class Trainer:
     """One run: set-up (or resume), then steps, evaluations, the budget plan and saves."""
 
-    def __init__(self, cfg: Config, data_dir: Path | None, output: Path, time_budget: float | None, resume: bool):
+    def __init__(self, cfg: Config, data_dir: Path | None, output: Path, time_budget: float | None, resume: bool,
+                 device: str = "auto"):
         self.started = clock()
+        self.cluster = Cluster.from_env(resolve_device(device))
+        self.device, main = self.cluster.device, self.cluster.main
+        if not main:
+            log.setLevel(logging.WARNING)  # one rank speaks for the run
         self.cfg, self.t, self.output = cfg, cfg.train, output
         self.budget_s = time_budget * 60 if time_budget else None
         if resume and not (output / checkpoint.STATE).is_file():
             raise UserError(f"{output}: nothing to resume ({checkpoint.STATE} not found)")
-        if not resume and (output / "config.json").exists():
+        if main and not resume and (output / "config.json").exists():
             raise UserError(f"{output} already holds a model: pass --resume to continue it, or choose another --output")
-        check_output_folder(output)
-        torch.set_num_threads(self.t.threads or os.cpu_count() or 1)
+        if main:
+            check_output_folder(output)
+        torch.set_num_threads(self.t.threads or max(1, (os.cpu_count() or 1) // self.cluster.world))
         torch.manual_seed(self.t.seed)
         learning_rate(self.t, 0, None, 1.0)  # a bad schedule name fails now, before anything is written
 
         tokenizer, state = None, None
+        kind_tokenizer = SubwordTokenizer if cfg.kind == "translator" else CharVocab
         if resume:
-            tokenizer = (SubwordTokenizer if cfg.kind == "translator" else CharVocab).load(output)
+            tokenizer = kind_tokenizer.load(output)
             state = checkpoint.load_state(output / checkpoint.STATE)
             data_dir = data_dir or Path(json.loads(state["progress"])["data_dir"])
+        elif not main:
+            self.cluster.barrier()  # rank 0 builds the tokenizer: one tokenizer for every rank
+            tokenizer = kind_tokenizer.load(output)
         data_dir = Path(data_dir)
         self.task = TASKS[cfg.kind](cfg, data_dir, tokenizer)
+        if main and not resume:
+            self.task.tokenizer.save(output)
+            self.cluster.barrier()
+        self.task.to(self.device)
+        self.task.shard(self.cluster.rank, self.cluster.world)
         self.model = self.task.model
+        self.task.forward = self.cluster.wrap(self.model)
+        if self.cluster.active:  # each rank its own dropout masks (the weights came from one seed)
+            torch.manual_seed(self.t.seed + 1000 * self.cluster.rank)
         self.n_params = sum(p.numel() for p in self.model.parameters())
         log.info("model: %s, %.2fM parameters", cfg.kind, self.n_params / 1e6)
-        # best and latest weights, Adam's two moments, and a temporary copy of the largest while it is written
-        check_free_space(output, self.n_params * 4 * 6 + 2**20)
+        # best and latest weights, Adam's two moments, and a temporary copy of the largest while it
+        # is written; a resumed run replaces its own files, so those already there count as room
+        present = sum((output / name).stat().st_size for name in (checkpoint.BEST, checkpoint.LAST, checkpoint.STATE)
+                      if (output / name).is_file())
+        if main:
+            check_free_space(output, self.n_params * 4 * 6 + 2**20 - present)
         # fused: one kernel for all parameters instead of a dozen ops per tensor
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=self.t.lr, betas=(0.9, 0.98),
                                           weight_decay=self.t.weight_decay, fused=True)
         self.progress = {"step": 0, "epoch": 0, "batch": 0, "best_score": -math.inf, "best": None, "bad_evals": 0,
                          "plateau_scale": 1.0, "total_steps": None, "anneal_start": None,
-                         "skipped_steps": 0, "nonfinite_in_row": 0, "window_tokens": 0, "window_loss": 0.0,
+                         "skipped_steps": 0, "nonfinite_in_row": 0, "window_tokens": 0, "window_loss": 0.0, "window_s": 0.0,
                          "data_dir": str(data_dir.resolve())}
         if resume:
             self._load_resume_state(state, data_dir)
-        else:
-            self.task.tokenizer.save(output)
-        cfg.save(output / "config.json")  # on resume too: --set train.* overrides are kept
+        if main:
+            cfg.save(output / "config.json")  # on resume too: --set train.* overrides are kept
         self.batches, self.batches_epoch = self.task.batches(self.progress["epoch"]), self.progress["epoch"]
         # Without a budget the schedule runs to the ceiling (a resume may raise it); a budget run
         # records its planned total in the progress, so that a resume follows the same schedule.
         self.ceiling = self.t.max_steps or self.t.max_epochs * len(self.batches)
         self.eval_seconds = 0.0  # wall clock spent evaluating and saving since the run (or resume) started
+        self.window_started = self.training_seconds() - self.progress["window_s"]  # the log window's start
         self.measure_from: tuple[int, float] | None = None  # (step, training seconds): the plan's speed from here
         self.last_eval_s: float | None = None
         self.recent_norms: deque[float] = deque(maxlen=GRADIENT_WINDOW)
@@ -280,9 +341,12 @@ class Trainer:
         self.interrupted: str | None = None
         self.stop: str | None = None
         self.since_eval = 0
-        if resume:
-            self._truncate_log(self.progress["step"])
-        self.metrics_log = open(output / "metrics.jsonl", "a", encoding="utf-8")
+        self.elapsed_s = 0.0  # wall clock since the start, rank 0's: what budget decisions read
+        self.metrics_log = None
+        if main:
+            if resume:
+                self._truncate_log(self.progress["step"])
+            self.metrics_log = open(output / "metrics.jsonl", "a", encoding="utf-8")
         if not resume:
             self.save_resume_state()
 
@@ -294,9 +358,19 @@ class Trainer:
             raise UserError(f"{self.output / checkpoint.STATE}: does not match the model ({e})") from None
         progress = dict(json.loads(state["progress"]), data_dir=str(data_dir.resolve()))
         progress["best_score"] = -math.inf if progress["best_score"] is None else progress["best_score"]
+        progress["nonfinite_in_row"] = 0  # a resumed run gets a fresh allowance (after a fix, say bf16=false)
         self.progress.update(progress)
-        torch.set_rng_state(state["torch_rng"])
-        self.task.load_extra_state(state.get("task", {}))
+        mine = state
+        if self.cluster.active or "rank_states" in state:
+            ranks = state.get("rank_states", [state])
+            if len(ranks) != self.cluster.world:
+                raise UserError(f"{self.output}: the run used {len(ranks)} process(es); resume it with as many "
+                                f"(this one has {self.cluster.world})")
+            mine = ranks[self.cluster.rank]
+        torch.set_rng_state(mine["torch_rng"])
+        if self.device.type == "cuda" and "cuda_rng" in mine:
+            torch.cuda.set_rng_state(mine["cuda_rng"], self.device)
+        self.task.load_extra_state(mine.get("task", {}))
         log.info("resuming %s at epoch %d, step %d", self.output, self.progress["epoch"] + 1, self.progress["step"])
 
     def _truncate_log(self, step: int) -> None:
@@ -316,23 +390,34 @@ class Trainer:
 
     # -- files -------------------------------------------------------------------------------
     def write_log(self, record: dict) -> None:
-        self.metrics_log.write(json.dumps(record) + "\n")
-        self.metrics_log.flush()
+        if self.metrics_log is not None:
+            self.metrics_log.write(json.dumps(record) + "\n")
+            self.metrics_log.flush()
 
     def save_resume_state(self) -> None:
-        checkpoint.save_weights(self.model, self.output / checkpoint.LAST)
+        """Every rank calls it (each adds its random state); rank 0 writes."""
         p = self.progress
+        p["window_s"] = self.training_seconds() - self.window_started
+        mine = {"torch_rng": torch.get_rng_state(), "task": self.task.extra_state()}
+        if self.device.type == "cuda":  # dropout masks on the GPU come from its own generator
+            mine["cuda_rng"] = torch.cuda.get_rng_state(self.device)
+        ranks = self.cluster.gather(mine)
+        if not self.cluster.main:
+            return
+        checkpoint.save_weights(self.model, self.output / checkpoint.LAST)
         saved = dict(p, best_score=None if p["best_score"] == -math.inf else p["best_score"])
         os.fsync(self.metrics_log.fileno())  # the log as far as this state: what a resume keeps
-        checkpoint.save_state({"optimizer": self.optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
-                               "progress": json.dumps(saved), "task": self.task.extra_state()},
-                              self.output / checkpoint.STATE)
+        state = {"optimizer": self.optimizer.state_dict(), "progress": json.dumps(saved), **ranks[0]}
+        if self.cluster.active:
+            state["rank_states"] = ranks
+        checkpoint.save_state(state, self.output / checkpoint.STATE)
 
     # -- the parts of a run ------------------------------------------------------------------
     def train_step(self, batch) -> tuple[float, int, float, float]:
-        """One update; returns (summed loss, target count, pre-clip gradient norm, learning rate).
-        A non-finite loss or gradient skips the update (counted, logged): one bad batch, or a
-        bf16 overflow, should not end an hours-long run; MAX_NONFINITE_IN_ROW of them do."""
+        """One update; returns (summed loss, target count, pre-clip gradient norm, learning rate),
+        loss and count summed over the ranks. A non-finite loss or gradient skips the update
+        (counted, logged): one bad batch, or a bf16 overflow, should not end an hours-long run;
+        MAX_NONFINITE_IN_ROW of them do."""
         p, t = self.progress, self.t
         total = p["total_steps"] if self.budget_s is not None or p["total_steps"] is not None else self.ceiling
         lr = learning_rate(t, p["step"], total, p["plateau_scale"], p["anneal_start"])
@@ -340,9 +425,16 @@ class Trainer:
             group["lr"] = lr
         loss, count = self.task.loss(batch)
         self.optimizer.zero_grad(set_to_none=True)
-        (loss / max(count, 1)).backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.clip_norm, foreach=True)
-        loss, grad_norm = float(loss.detach()), float(grad_norm)
+        if self.cluster.active:
+            # DDP averages the ranks' gradients: scaling each rank's sum by world / (all ranks'
+            # count) makes that average the gradient of the mean over every rank's tokens
+            total_loss, total_count = self.cluster.sum(float(loss.detach()), count)
+            (loss * (self.cluster.world / max(total_count, 1))).backward()
+            loss, count = total_loss, int(total_count)
+        else:
+            (loss / max(count, 1)).backward()
+            loss = float(loss.detach())
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.clip_norm, foreach=True))
         if math.isfinite(loss) and math.isfinite(grad_norm):
             self.optimizer.step()
             p["nonfinite_in_row"] = 0
@@ -361,6 +453,7 @@ class Trainer:
                         "grad_norm": str(grad_norm), "skipped_steps": p["skipped_steps"]})
         log.warning("step %d: non-finite %s, update skipped (%d so far)", p["step"] + 1,
                     "loss" if not math.isfinite(loss) else "gradient", p["skipped_steps"])
+        self.task.forget_state()  # a carried state that went non-finite would poison the next steps
         if p["nonfinite_in_row"] >= MAX_NONFINITE_IN_ROW:
             p["step"] += 1
             p["batch"] += 1
@@ -368,8 +461,8 @@ class Trainer:
             best = p["best"]["step"] if p["best"] else None
             raise UserError(f"training diverged: {MAX_NONFINITE_IN_ROW} steps in a row had a non-finite loss or "
                             f"gradient (up to step {p['step']}); {self.output} keeps the best model"
-                            f"{f' (step {best})' if best else ''}; --resume with a lower --set train.lr=..., "
-                            "or train.bf16=false")
+                            f"{f' (step {best})' if best else ''}; --resume continues on the next batches, best "
+                            "with --set train.bf16=false (bf16 overflows) or a lower train.lr")
 
     def watch_gradients(self, grad_norm: float) -> None:
         """Warn once each when the window's median pre-clip norm says gradients vanish or explode."""
@@ -402,16 +495,22 @@ class Trainer:
         log.info("eval: %s%s", shown, " (best)" if improved else "")
         if improved:
             p.update(best_score=result["score"], best=record, bad_evals=0)
-            checkpoint.save_weights(self.model, self.output / checkpoint.BEST)
-            checkpoint.save_json({"best": record, "parameters": self.n_params}, self.output / "metrics.json")
+            if self.cluster.main:
+                checkpoint.save_weights(self.model, self.output / checkpoint.BEST)
+                checkpoint.save_json({"best": record, "parameters": self.n_params}, self.output / "metrics.json")
         else:
             p["bad_evals"] += 1
             if t.lr_schedule == "plateau":
                 p["plateau_scale"] = max(p["plateau_scale"] * 0.5, t.min_lr_ratio)
         self.save_resume_state()
-        self.last_eval_s = clock() - eval_start  # what the plan counts per evaluation: saves included
+        # what the plan counts per evaluation, saves included (rank 0's, so every rank plans alike)
+        self.last_eval_s = self.cluster.from_main(clock() - eval_start)
         self.eval_seconds += self.last_eval_s
         return p["bad_evals"] >= t.patience
+
+    def elapsed(self) -> float:
+        """Wall clock since the start; in a distributed run rank 0's, as of the last step's sync."""
+        return self.elapsed_s if self.cluster.active else clock() - self.started
 
     def training_seconds(self) -> float:
         """Wall clock since the start, evaluations and saves excluded: what throughput counts."""
@@ -419,7 +518,7 @@ class Trainer:
 
     def plan_share(self) -> float:
         """How far the run is: its share of the budget, or of max_epochs where it gets there first."""
-        return max((clock() - self.started) / self.budget_s, self.progress["step"] / self.ceiling)
+        return max(self.elapsed() / self.budget_s, self.progress["step"] / self.ceiling)
 
     def plan_due(self) -> bool:
         """Starts the speed measurement when its time comes; True once the plan can be made."""
@@ -434,8 +533,8 @@ class Trainer:
         p = self.progress
         step_s = (self.training_seconds() - self.measure_from[1]) / (p["step"] - self.measure_from[0])
         steps_per_eval = self.t.eval_every or len(self.batches)
-        p["total_steps"] = plan_total_steps(self.budget_s, clock() - self.started, p["step"], step_s,
-                                            self.last_eval_s, steps_per_eval, self.ceiling)
+        p["total_steps"] = self.cluster.from_main(plan_total_steps(self.budget_s, self.elapsed(), p["step"], step_s,
+                                                                   self.last_eval_s, steps_per_eval, self.ceiling))
         p["anneal_start"] = p["step"]
         record = {"type": "plan", "step": p["step"], "total_steps": p["total_steps"],
                   "epochs": round(p["total_steps"] / max(len(self.batches), 1), 2), "step_s": round(step_s, 4),
@@ -447,7 +546,7 @@ class Trainer:
 
     def out_of_time(self) -> bool:
         """True when the budget could not also cover one more evaluation."""
-        return self.budget_s is not None and clock() - self.started + (self.last_eval_s or 0) >= self.budget_s
+        return self.budget_s is not None and self.elapsed() + (self.last_eval_s or 0) >= self.budget_s
 
     def stop_reason(self) -> str | None:
         p, t = self.progress, self.t
@@ -463,7 +562,7 @@ class Trainer:
         """Epochs until a stop; SIGINT or SIGTERM finishes the current step, saves and stops."""
         p, t = self.progress, self.t
         self.model.train()
-        self.window_started = self.training_seconds()
+        self.stop = self.stop_reason()  # a run resumed at its last step has nothing left to train
         previous = self._catch_signals()
         try:
             while self.stop is None and p["epoch"] < t.max_epochs:
@@ -471,7 +570,9 @@ class Trainer:
             if self.since_eval:
                 self.evaluate()
         finally:
-            self.metrics_log.close()
+            if self.metrics_log is not None:
+                self.metrics_log.close()
+            self.cluster.close()
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
         log.info("finished: %s; best %s", self.stop or f"{t.max_epochs} epochs", p["best"])
@@ -482,7 +583,7 @@ class Trainer:
         if self.batches_epoch != p["epoch"]:
             self.batches, self.batches_epoch = self.task.batches(p["epoch"]), p["epoch"]
         bar = tqdm(total=len(self.batches), initial=p["batch"], desc=f"epoch {p['epoch'] + 1}",
-                   unit="batch", disable=None, mininterval=2, leave=False)
+                   unit="batch", disable=None if self.cluster.main else True, mininterval=2, leave=False)
         while p["batch"] < len(self.batches) and self.stop is None:
             loss, count, grad_norm, lr = self.train_step(self.batches[p["batch"]])
             self.since_eval += 1
@@ -506,15 +607,20 @@ class Trainer:
     def after_step(self) -> None:
         """The plan, the stops and the step-count evaluations that may follow a step."""
         p, t = self.progress, self.t
-        if self.interrupted:
-            self.save_resume_state()
-            raise Interrupted(f"{self.interrupted}: state saved at step {p['step']}; continue with --resume",
-                              128 + signal.Signals[self.interrupted].value)
+        if self.cluster.active:  # one signal or clock for all ranks, so they stop and plan alike
+            signalled, self.elapsed_s = self.cluster.max(self.interrupted is not None,
+                                                         clock() - self.started if self.cluster.main else -1.0)
+            if signalled and not self.interrupted:
+                self.interrupted = "SIGTERM"
         if self.budget_s is not None and p["total_steps"] is None and self.plan_due():
             if self.last_eval_s is None and self.evaluate_or_stop():  # the plan needs an evaluation's cost
                 return
             self.plan()
         self.stop = self.stop_reason()
+        if self.interrupted and self.stop is None:  # a run at its end finishes instead: final evaluation, saves
+            self.save_resume_state()
+            raise Interrupted(f"{self.interrupted}: state saved at step {p['step']}; continue with --resume",
+                              128 + signal.Signals[self.interrupted].value)
         if self.stop is None and t.eval_every and p["step"] % t.eval_every == 0:
             self.evaluate_or_stop()
 
@@ -544,7 +650,7 @@ class Trainer:
         seconds = self.training_seconds() - self.window_started
         record = {"type": "train", "step": p["step"], "epoch": p["epoch"] + 1,
                   "loss": round(p["window_loss"] / max(p["window_tokens"], 1), 4), "lr": lr,
-                  "grad_norm": round(grad_norm, 3), "tokens_per_s": round(p["window_tokens"] / max(seconds, 1e-9), 1),
+                  "grad_norm": round(grad_norm, 3) if math.isfinite(grad_norm) else str(grad_norm), "tokens_per_s": round(p["window_tokens"] / max(seconds, 1e-9), 1),
                   "elapsed_s": round(clock() - self.started, 1)}
         if p["skipped_steps"]:
             record["skipped_steps"] = p["skipped_steps"]

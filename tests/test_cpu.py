@@ -13,9 +13,9 @@ def test_native_bf16_follows_the_cpu_flags(monkeypatch):
 
 
 def test_decoding_precision_defaults_to_the_native_one_and_obeys_a_choice(monkeypatch):
-    monkeypatch.setattr("seq2seq.inference.native_bf16", lambda: False)
+    monkeypatch.setattr("seq2seq.cpu.native_bf16", lambda: False)
     assert decoding_bf16(None) is False and decoding_bf16(True) is True
-    monkeypatch.setattr("seq2seq.inference.native_bf16", lambda: True)
+    monkeypatch.setattr("seq2seq.cpu.native_bf16", lambda: True)
     assert decoding_bf16(None) is True and decoding_bf16(False) is False
 
 

@@ -48,6 +48,8 @@ def test_hugging_face_reader_on_local_json(tmp_path):
     (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n", encoding="utf-8")
     cfg = TranslatorData(format="hf", hf_path="json", hf_data_files=str(tmp_path / "{split}.jsonl"), train="train")
     assert load_pairs(cfg, tmp_path, "train") == [("A dog.", "Un chien."), ("Hi.", "Salut.")]
+    relative = TranslatorData(format="hf", hf_path="json", hf_data_files="{split}.jsonl", train="train")
+    assert load_pairs(relative, tmp_path, "train") == load_pairs(cfg, tmp_path, "train")  # from data_dir, not the cwd
     cfg.hf_src_field = "translation.de"
     with pytest.raises(UserError, match="no field 'translation.de'"):
         load_pairs(cfg, tmp_path, "train")
