@@ -93,5 +93,8 @@ class Cluster:
             dist.barrier()
 
     def close(self) -> None:
+        """Leave the group together: a rank that tears its connections down while another still
+        writes its files can make gloo abort that one ("terminate called ...") at exit."""
         if self.active and dist.is_initialized():
+            dist.barrier()
             dist.destroy_process_group()

@@ -564,15 +564,21 @@ class Trainer:
         self.model.train()
         self.stop = self.stop_reason()  # a run resumed at its last step has nothing left to train
         previous = self._catch_signals()
+        together = False  # whether every rank ends here in step (not after one rank's own error)
         try:
             while self.stop is None and p["epoch"] < t.max_epochs:
                 self.run_epoch()
             if self.since_eval:
                 self.evaluate()
+            together = True
+        except Interrupted:
+            together = True
+            raise
         finally:
             if self.metrics_log is not None:
                 self.metrics_log.close()
-            self.cluster.close()
+            if together:
+                self.cluster.close()
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
         log.info("finished: %s; best %s", self.stop or f"{t.max_epochs} epochs", p["best"])
