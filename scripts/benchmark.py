@@ -7,6 +7,7 @@
   python scripts/benchmark.py translator-decode [-m checkpoints/en-fr] [--src test.en --ref test.fr]
   python scripts/benchmark.py charlm-generate   [-m checkpoints/shakespeare]
   python scripts/benchmark.py reference          # ../shared/bench/plain_reference.py, same process
+  python scripts/benchmark.py all --device cuda  # on a GPU (config records device, GPU and processes)
 
 Training runs the real training step (`Trainer.train_step`) on real batches of epoch 2, after a
 warm-up; decoding translates the whole test set in each inference mode; each rate is the median
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -32,6 +34,7 @@ import torch  # noqa: E402
 
 from seq2seq import checkpoint, cpu, inference  # noqa: E402
 from seq2seq.config import default_data_dir, load_preset  # noqa: E402
+from seq2seq.device import resolve as resolve_device  # noqa: E402
 from seq2seq.metrics import bleu_chrf  # noqa: E402
 from seq2seq.train import Trainer  # noqa: E402
 
@@ -68,12 +71,22 @@ def charlm_forward_flops(m, vocab: int, chars: int) -> float:
 
 
 # -- measuring -----------------------------------------------------------------------------------
+DEVICE = torch.device("cpu")  # --device: where every measurement runs
+
+
+def synchronize() -> None:
+    if DEVICE.type == "cuda":  # GPU work is queued: time it when it is done
+        torch.cuda.synchronize()
+
+
 def median_rate(fn, repeats: int) -> tuple[float, float]:
     """(median units per second, units of one run)."""
     rates, units = [], 0
     for _ in range(repeats):
+        synchronize()
         start = time.perf_counter()
         units = fn()
+        synchronize()
         rates.append(units / (time.perf_counter() - start))
     return statistics.median(rates), units
 
@@ -82,13 +95,15 @@ def gemm_peak(quick: bool) -> dict:
     size = 1024 if quick else 2048
     peak = {}
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-        a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+        a, b = (torch.randn(size, size, dtype=dtype, device=DEVICE) for _ in range(2))
         a @ b
         best = 0.0
         for _ in range(5):
+            synchronize()
             start = time.perf_counter()
             for _ in range(4):
                 a @ b
+            synchronize()
             best = max(best, 4 * 2 * size**3 / (time.perf_counter() - start) / 1e9)
         peak[name] = round(best, 1)
     return peak
@@ -108,7 +123,7 @@ def train_bench(kind: str, preset: str, data_dir: Path, steps: int, repeats: int
     for precision in ("bf16", "fp32"):
         cfg = load_preset(preset, kind, [f"train.bf16={'true' if precision == 'bf16' else 'false'}"])
         with tempfile.TemporaryDirectory() as tmp:
-            trainer = Trainer(cfg, data_dir, Path(tmp) / "run", None, False)
+            trainer = Trainer(cfg, data_dir, Path(tmp) / "run", None, False, str(DEVICE.type))
             trainer.model.train()
             batches = trainer.task.batches(1)[: steps + 3]
 
@@ -132,12 +147,12 @@ def train_bench(kind: str, preset: str, data_dir: Path, steps: int, repeats: int
 
 
 def decode_bench(model_dir: Path, src: Path, ref: Path | None, repeats: int, peak: dict | None, quick: bool) -> dict:
-    cfg, model, tokenizer = checkpoint.load(model_dir)
+    cfg, model, tokenizer = checkpoint.load(model_dir, device=DEVICE.type)
     lines = src.read_text(encoding="utf-8").splitlines()
     refs = ref.read_text(encoding="utf-8").splitlines() if ref and ref.is_file() else None
     if quick:
         lines, refs = lines[:300], refs[:300] if refs else None
-    out = {"model": str(model_dir), "sentences": len(lines), "default_bf16": inference.decoding_bf16(None)}
+    out = {"model": str(model_dir), "sentences": len(lines), "default_bf16": inference.decoding_bf16(None, DEVICE)}
     src_tokens = sum(len(ids) + 1 for ids in tokenizer.encode(lines))
     for beam in (1, 5):
         for precision in ("bf16", "fp32"):
@@ -159,7 +174,7 @@ def decode_bench(model_dir: Path, src: Path, ref: Path | None, repeats: int, pea
 
 
 def generate_bench(model_dir: Path, repeats: int, peak: dict | None, quick: bool) -> dict:
-    cfg, model, vocab = checkpoint.load(model_dir)
+    cfg, model, vocab = checkpoint.load(model_dir, device=DEVICE.type)
     chars = 200 if quick else 500
     out = {"model": str(model_dir), "chars": chars}
     for streams in (1, 32):
@@ -202,12 +217,18 @@ def main() -> None:
     p.add_argument("--steps", type=int, help="training steps a repeat (default 20, quick 6)")
     p.add_argument("--repeats", type=int, help="runs a measurement (median; default 3, quick 1)")
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="cpu",
+                   help="where to measure (the plain reference always runs on the CPU)")
     args = p.parse_args()
+    global DEVICE
+    DEVICE = resolve_device(args.device)
     cpu.tune_allocator()
     torch.set_num_threads(args.threads or torch.get_num_threads())
     steps = args.steps or (6 if args.quick else 20)
     repeats = args.repeats or (1 if args.quick else 3)
-    out = {"benchmark": args.what, "config": cpu.describe()}
+    out = {"benchmark": args.what, "config": {**cpu.describe(), "device": str(DEVICE),
+                                              "gpu": torch.cuda.get_device_name() if DEVICE.type == "cuda" else None,
+                                              "processes": int(os.environ.get("WORLD_SIZE", "1"))}}
     everything = args.what == "all"
     peak = gemm_peak(args.quick)
     out["gemm_peak_gflops"] = peak
