@@ -135,8 +135,9 @@ def train_bench(kind: str, preset: str, data_dir: Path, steps: int, repeats: int
             trainer.metrics_log.close()
             m, vocab = cfg.model, len(trainer.task.tokenizer)
             if kind == "translator":
-                src = sum(len(s) + 1 for b in batches[3:] for s in b[0])
-                flops = 3 * translator_forward_flops(m, vocab, src, units, src / sum(len(b[0]) for b in batches[3:]))
+                src_len = trainer.task.train.src_len
+                src = sum(int(src_len[rows].sum()) + len(rows) for _, rows in batches[3:])
+                flops = 3 * translator_forward_flops(m, vocab, src, units, src / sum(len(rows) for _, rows in batches[3:]))
                 unit = "target_tokens_per_s"
             else:
                 flops = 3 * charlm_forward_flops(m, vocab, units)

@@ -36,7 +36,10 @@ def save_weights(model: torch.nn.Module, path: Path) -> None:
             seen.add(key)
             tensors[name] = tensor.detach().to("cpu", copy=True).contiguous()
     with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata={"format": "pt"})
+        try:
+            save_file(tensors, str(tmp), metadata={"format": "pt"})
+        except SafetensorError as e:  # safetensors reports a failed write (folder gone, disk full) as its own error
+            raise OSError(f"{tmp}: could not write the weights ({(str(e).splitlines() or ['?'])[0][:160]})") from None
 
 
 def load_weights(model: torch.nn.Module, path: Path) -> None:

@@ -43,7 +43,9 @@ class TranslatorData:
     dev_max_sentences: int = 0  # 0 = the whole dev set for dev BLEU
     vocab_size: int = 8000
     spm_model_type: str = "unigram"
-    sample_alpha: float = 0.0  # > 0: subword regularization (SentencePiece sampling) in training
+    # > 0: subword regularization, each training batch segmented afresh by SentencePiece sampling
+    # (batches are planned on the plain segmentation's lengths; sampled ones run a little longer)
+    sample_alpha: float = 0.0
     skip_bad_lines: bool = False  # TSV lines without exactly one tab: skipped and counted, not an error
 
 

@@ -2,8 +2,12 @@
 from __future__ import annotations
 
 import logging
-import random
+import glob
+import itertools
+from collections.abc import Iterator
 from pathlib import Path
+
+import numpy as np
 
 import torch
 
@@ -13,25 +17,27 @@ from seq2seq.errors import UserError
 log = logging.getLogger("seq2seq")
 
 
-def read_lines(path: str | Path) -> list[str]:
-    """All lines of a UTF-8 file, without line ends; invalid UTF-8 is an error naming the line."""
+def iter_lines(path: str | Path) -> Iterator[str]:
+    """The lines of a UTF-8 file, without line ends, read one at a time (a corpus need not fit in
+    memory); invalid UTF-8 is an error naming the line and column."""
     path = Path(path)
     try:
-        raw = path.read_bytes()
+        handle = path.open("rb")
     except FileNotFoundError:
         raise UserError(f"{path}: file not found") from None
     except IsADirectoryError:
         raise UserError(f"{path}: is a directory, expected a text file") from None
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = raw.count(b"\n", 0, e.start) + 1
-        column = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1
-        raise UserError(f"{path}:{line}: invalid UTF-8 (byte 0x{raw[e.start]:02x} at column {column})") from None
-    lines = text.split("\n")
-    if lines and lines[-1] == "":
-        lines.pop()
-    return [line.removesuffix("\r") for line in lines]
+    with handle:
+        for number, raw in enumerate(handle, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise UserError(f"{path}:{number}: invalid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})") from None
+            yield line.removesuffix("\n").removesuffix("\r")
+
+
+def read_lines(path: str | Path) -> list[str]:
+    return list(iter_lines(path))
 
 
 def read_text(path: str | Path) -> str:
@@ -39,25 +45,39 @@ def read_text(path: str | Path) -> str:
 
 
 def read_parallel(prefix: str | Path, src_lang: str, tgt_lang: str) -> list[tuple[str, str]]:
-    src_path, tgt_path = Path(f"{prefix}.{src_lang}"), Path(f"{prefix}.{tgt_lang}")
-    return read_parallel_files(src_path, tgt_path)
+    return list(iter_parallel(prefix, src_lang, tgt_lang))
+
+
+def iter_parallel(prefix: str | Path, src_lang: str, tgt_lang: str) -> Iterator[tuple[str, str]]:
+    return iter_parallel_files(Path(f"{prefix}.{src_lang}"), Path(f"{prefix}.{tgt_lang}"))
 
 
 def read_parallel_files(src_path: Path, tgt_path: Path) -> list[tuple[str, str]]:
-    src, tgt = read_lines(src_path), read_lines(tgt_path)
-    if len(src) != len(tgt):
-        raise UserError(f"line counts differ: {src_path} has {len(src)} lines, {tgt_path} has {len(tgt)}")
-    return list(zip(src, tgt))
+    return list(iter_parallel_files(src_path, tgt_path))
+
+
+def iter_parallel_files(src_path: Path, tgt_path: Path) -> Iterator[tuple[str, str]]:
+    src_count = tgt_count = 0
+    for src, tgt in itertools.zip_longest(iter_lines(src_path), iter_lines(tgt_path)):
+        src_count, tgt_count = src_count + (src is not None), tgt_count + (tgt is not None)
+        if src is not None and tgt is not None:
+            yield src, tgt
+    if src_count != tgt_count:
+        raise UserError(f"line counts differ: {src_path} has {src_count} lines, {tgt_path} has {tgt_count}")
 
 
 def read_tsv(path: str | Path, skip_bad_lines: bool = False) -> list[tuple[str, str]]:
+    return list(iter_tsv(path, skip_bad_lines))
+
+
+def iter_tsv(path: str | Path, skip_bad_lines: bool = False) -> Iterator[tuple[str, str]]:
     """source<TAB>target lines. A line with no tab or with extra columns is an error naming it,
     or, with `skip_bad_lines`, skipped and counted in the log."""
-    pairs, bad = [], []
-    for number, line in enumerate(read_lines(path), 1):
+    bad = []
+    for number, line in enumerate(iter_lines(path), 1):
         fields = line.split("\t")
         if len(fields) == 2:
-            pairs.append((fields[0], fields[1]))
+            yield fields[0], fields[1]
             continue
         problem = "no tab" if len(fields) < 2 else f"{len(fields)} columns"
         if not skip_bad_lines:
@@ -67,26 +87,37 @@ def read_tsv(path: str | Path, skip_bad_lines: bool = False) -> list[tuple[str, 
     if bad:
         log.warning("%s: skipped %d bad line(s) (not source<TAB>target): line %s", path, len(bad),
                     ", ".join(map(str, bad[:10])) + (", ..." if len(bad) > 10 else ""))
-    return pairs
 
 
 def read_hf(cfg: TranslatorData, split: str, data_dir: Path = Path(".")) -> list[tuple[str, str]]:
+    return list(iter_hf(cfg, split, data_dir))
+
+
+def iter_hf(cfg: TranslatorData, split: str, data_dir: Path = Path(".")) -> Iterator[tuple[str, str]]:
     """A split of a Hugging Face dataset: a hub name (needs internet) or a local loader + files
-    (a relative data.hf_data_files starts at data_dir, as every other data path does)."""
+    (a relative data.hf_data_files starts at data_dir, as every other data path does). The table is
+    memory-mapped Arrow; rows are read a batch at a time."""
     import datasets
 
     kwargs = {"split": split}
     if cfg.hf_name:
         kwargs["name"] = cfg.hf_name
     if cfg.hf_data_files:
-        files = cfg.hf_data_files.format(split=split)
-        kwargs["data_files"] = {split: files if "://" in files else str(resolve(data_dir, files))}
+        kwargs["data_files"] = {split: hf_files(cfg, split, data_dir)}
     try:
         table = datasets.load_dataset(cfg.hf_path, **kwargs)
     except Exception as e:  # datasets raises many types; all mean "could not load this"
         raise UserError(f"dataset {cfg.hf_path!r} split {split!r}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
-    return [(_field(row, cfg.hf_src_field, cfg.hf_path, i), _field(row, cfg.hf_tgt_field, cfg.hf_path, i))
-            for i, row in enumerate(table)]
+    index = 0
+    for rows in table.iter(batch_size=10_000):
+        for row in (dict(zip(rows, values)) for values in zip(*rows.values())):
+            yield _field(row, cfg.hf_src_field, cfg.hf_path, index), _field(row, cfg.hf_tgt_field, cfg.hf_path, index)
+            index += 1
+
+
+def hf_files(cfg: TranslatorData, split: str, data_dir: Path) -> str:
+    files = cfg.hf_data_files.format(split=split)
+    return files if "://" in files else str(resolve(data_dir, files))
 
 
 def _field(row: dict, dotted: str, source: str, index: int) -> str:
@@ -104,31 +135,55 @@ def resolve(data_dir: Path, name: str) -> Path:
 
 
 def load_pairs(cfg: TranslatorData, data_dir: Path, split: str) -> list[tuple[str, str]]:
+    return list(iter_pairs(cfg, data_dir, split))
+
+
+def iter_pairs(cfg: TranslatorData, data_dir: Path, split: str) -> Iterator[tuple[str, str]]:
     """The pairs of split 'train', 'dev' or 'test' as the data config describes them: one corpus,
     or the corpora of a list concatenated in order (each cut to its max_sentences, if set)."""
     spec = getattr(cfg, split)
     if not spec:
         raise UserError(f"data.{split} is not set in the config")
     if isinstance(spec, str):
-        return read_corpus(cfg, data_dir, spec, cfg.format)
-    pairs = []
+        yield from iter_corpus(cfg, data_dir, spec, cfg.format)
+        return
     for corpus in spec:
         fmt = corpus.get("format", cfg.format)
-        read = read_corpus(cfg, data_dir, corpus["path"], fmt)
-        part = read[: corpus.get("max_sentences") or None]
-        log.info("%s: %d pairs from %s (%s%s)", split, len(part), corpus["path"], fmt,
-                 f", the first of {len(read)}" if len(part) < len(read) else "")
-        pairs += part
-    return pairs
+        pairs, count = iter_corpus(cfg, data_dir, corpus["path"], fmt), 0
+        for pair in itertools.islice(pairs, corpus.get("max_sentences") or None):
+            count += 1
+            yield pair
+        rest = sum(1 for _ in pairs)
+        log.info("%s: %d pairs from %s (%s%s)", split, count, corpus["path"], fmt,
+                 f", the first of {count + rest}" if rest else "")
 
 
-def read_corpus(cfg: TranslatorData, data_dir: Path, name: str, fmt: str) -> list[tuple[str, str]]:
+def corpus_files(cfg: TranslatorData, data_dir: Path, split: str) -> list[Path]:
+    """The local files a split reads (for telling whether a cache built from them is still current)."""
+    spec = getattr(cfg, split)
+    corpora = [{"path": spec}] if isinstance(spec, str) else spec
+    files = []
+    for corpus in corpora:
+        fmt = corpus.get("format", cfg.format)
+        if fmt == "tsv":
+            files.append(resolve(data_dir, corpus["path"]))
+        elif fmt == "parallel":
+            files += [Path(f"{resolve(data_dir, corpus['path'])}.{lang}") for lang in (cfg.src_lang, cfg.tgt_lang)]
+        elif cfg.hf_data_files and "://" not in cfg.hf_data_files:
+            files += sorted(Path(p) for p in glob.glob(hf_files(cfg, corpus["path"], data_dir), recursive=True))
+        elif resolve(data_dir, cfg.hf_path).exists():  # a local dataset folder or loader script
+            local = resolve(data_dir, cfg.hf_path)
+            files += sorted(p for p in local.rglob("*") if p.is_file()) if local.is_dir() else [local]
+    return files
+
+
+def iter_corpus(cfg: TranslatorData, data_dir: Path, name: str, fmt: str) -> Iterator[tuple[str, str]]:
     if fmt == "hf":
-        return read_hf(cfg, name, data_dir)
+        return iter_hf(cfg, name, data_dir)
     if fmt == "tsv":
-        return read_tsv(resolve(data_dir, name), cfg.skip_bad_lines)
+        return iter_tsv(resolve(data_dir, name), cfg.skip_bad_lines)
     if fmt == "parallel":
-        return read_parallel(resolve(data_dir, name), cfg.src_lang, cfg.tgt_lang)
+        return iter_parallel(resolve(data_dir, name), cfg.src_lang, cfg.tgt_lang)
     raise UserError(f"data.format must be parallel, tsv or hf, got {fmt!r}")
 
 
@@ -147,24 +202,26 @@ def within_length(src_ids: list, tgt_ids: list, max_tokens: int, what: str) -> l
     return keep
 
 
-def token_batches(src_lens: list[int], tgt_lens: list[int], batch_tokens: int, seed: int) -> list[list[int]]:
-    """Length-bucketed batches whose padded size (max source + max target length, times rows)
-    stays within `batch_tokens`. Order is shuffled within equal lengths and across batches, from `seed`."""
-    rng = random.Random(seed)
+def token_batches(src_lens, tgt_lens, batch_tokens: int, seed: int) -> list[np.ndarray]:
+    """Length-bucketed batches (arrays of row numbers) whose padded size (max source + max target
+    length, times rows) stays within `batch_tokens`. Order is shuffled within equal lengths and
+    across batches, from `seed`. Lengths may be lists or numpy arrays; memory is a few bytes a pair."""
+    src_lens, tgt_lens = np.asarray(src_lens, dtype=np.int64), np.asarray(tgt_lens, dtype=np.int64)
+    rng = np.random.default_rng(seed % 2**64)  # numpy takes no negative seed
     # coarse target buckets, then source length: less padding than sorting on either length alone
-    order = sorted(range(len(src_lens)), key=lambda i: (tgt_lens[i] // 3, src_lens[i], tgt_lens[i], rng.random()))
-    batches, current, max_src, max_tgt = [], [], 0, 0
-    for i in order:
-        new_src, new_tgt = max(max_src, src_lens[i]), max(max_tgt, tgt_lens[i])
-        if current and (new_src + new_tgt) * (len(current) + 1) > batch_tokens:
-            batches.append(current)
-            current, new_src, new_tgt = [], src_lens[i], tgt_lens[i]
-        current.append(i)
-        max_src, max_tgt = new_src, new_tgt
-    if current:
-        batches.append(current)
-    rng.shuffle(batches)
-    return batches
+    order = np.lexsort((rng.random(len(src_lens)), tgt_lens, src_lens, tgt_lens // 3))
+    ends, max_src, max_tgt, rows = [], 0, 0, 0
+    for start in range(0, len(order), 1 << 20):  # Python ints a slice at a time: memory stays flat
+        chunk = order[start : start + (1 << 20)]
+        for position, s, t in zip(range(start, start + len(chunk)), src_lens[chunk].tolist(), tgt_lens[chunk].tolist()):
+            new_src, new_tgt = max(max_src, s), max(max_tgt, t)
+            if rows and (new_src + new_tgt) * (rows + 1) > batch_tokens:
+                ends.append(position)
+                rows, new_src, new_tgt = 0, s, t
+            rows += 1
+            max_src, max_tgt = new_src, new_tgt
+    batches = np.split(order, ends) if len(order) else []
+    return [batches[i] for i in rng.permutation(len(batches))]
 
 
 def pad(seqs: list[list[int]], pad_id: int, bos: int | None = None, eos: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -9,6 +9,7 @@ every rank takes the same decisions without a message), decisions that read a cl
 """
 from __future__ import annotations
 
+import datetime
 import os
 
 import torch
@@ -37,7 +38,8 @@ class Cluster:
             device = torch.device("cuda", local)
             torch.cuda.set_device(device)
         if not dist.is_initialized():
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+            # hours, not the default minutes: the other ranks wait while rank 0 builds a cold token cache
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=6))
         return cls(rank, world, device)
 
     @property

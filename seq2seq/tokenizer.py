@@ -41,6 +41,10 @@ class SubwordTokenizer:
         path = Path(folder) / cls.file_name
         if not path.is_file():
             raise UserError(f"{path}: not found (is this a translator model folder?)")
+        return cls.load_file(path)
+
+    @classmethod
+    def load_file(cls, path: Path) -> "SubwordTokenizer":
         try:
             return cls(spm.SentencePieceProcessor(model_file=str(path)))
         except (OSError, RuntimeError) as e:  # truncated or not a SentencePiece model

@@ -17,6 +17,7 @@ import time
 from collections import deque
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -25,6 +26,7 @@ from seq2seq.device import autocast
 from seq2seq.device import resolve as resolve_device
 from seq2seq.distributed import Cluster
 from seq2seq.config import Config
+from seq2seq.corpus import TokenizedCorpus
 from seq2seq.data import (char_streams, drop_empty, load_pairs, within_length, pad, read_text, resolve,
                           token_batches)
 from seq2seq.errors import Interrupted, UserError
@@ -40,35 +42,26 @@ log = logging.getLogger("seq2seq")
 class TranslationTask:
     def __init__(self, cfg: Config, data_dir: Path, tokenizer: SubwordTokenizer | None = None):
         d, self.cfg = cfg.data, cfg
-        train = drop_empty(load_pairs(d, data_dir, "train"), "train")
-        dev = drop_empty(load_pairs(d, data_dir, "dev"), "dev")
-        if not train:
-            raise UserError(f"data.train {d.train!r}: no sentence pairs")
-        if tokenizer is None:
-            log.info("training SentencePiece (%s, vocabulary %d) on %d pairs", d.spm_model_type, d.vocab_size, len(train))
-            tokenizer = SubwordTokenizer.train([s for s, _ in train] + [t for _, t in train], d.vocab_size,
-                                               d.spm_model_type)
-        self.tokenizer = tokenizer
-        self.train_src = [s for s, _ in train]
-        self.train_tgt = [t for _, t in train]
-        src_ids, tgt_ids = tokenizer.encode(self.train_src), tokenizer.encode(self.train_tgt)
-        keep = within_length(src_ids, tgt_ids, d.max_tokens, "train")
-        self.train_src = [self.train_src[i] for i in keep]
-        self.train_tgt = [self.train_tgt[i] for i in keep]
-        self.src_ids, self.tgt_ids = [src_ids[i] for i in keep], [tgt_ids[i] for i in keep]
-        if not self.src_ids:
-            raise UserError(f"data.train {d.train!r}: no pair is within data.max_tokens = {d.max_tokens}")
+        dev = drop_empty(load_pairs(d, data_dir, "dev"), "dev")  # first: a wrong dev path fails in seconds
         if not dev:
             raise UserError(f"data.dev {d.dev!r}: no sentence pairs")
+        self.train = TokenizedCorpus.build(d, data_dir, tokenizer)
+        self.tokenizer = self.train.tokenizer
+        fits = (self.train.src_len <= d.max_tokens) & (self.train.tgt_len <= d.max_tokens)
+        self.rows = np.flatnonzero(fits)  # the pairs trained on
+        if len(self.rows) < len(fits):
+            log.info("train: dropped %d pair(s) longer than %d tokens", len(fits) - len(self.rows), d.max_tokens)
+        if not len(self.rows):
+            raise UserError(f"data.train {d.train!r}: no pair is within data.max_tokens = {d.max_tokens}")
         if d.dev_max_sentences:
             dev = dev[: d.dev_max_sentences]
         self.dev_src, self.dev_ref = [s for s, _ in dev], [t for _, t in dev]
-        dev_src_ids, dev_tgt_ids = tokenizer.encode(self.dev_src), tokenizer.encode(self.dev_ref)
+        dev_src_ids, dev_tgt_ids = self.tokenizer.encode(self.dev_src), self.tokenizer.encode(self.dev_ref)
         keep = within_length(dev_src_ids, dev_tgt_ids, d.max_tokens, "dev")  # for dev loss; BLEU uses all
         self.dev_src_ids, self.dev_tgt_ids = [dev_src_ids[i] for i in keep], [dev_tgt_ids[i] for i in keep]
-        log.info("train: %d pairs, %d target tokens; dev: %d pairs", len(self.src_ids),
-                 sum(map(len, self.tgt_ids)), len(self.dev_src))
-        self.model = checkpoint.build(cfg, tokenizer)
+        log.info("train: %d pairs, %d target tokens; dev: %d pairs", len(self.rows),
+                 int(self.train.tgt_len[self.rows].sum()), len(self.dev_src))
+        self.model = checkpoint.build(cfg, self.tokenizer)
         self.forward = self.model  # what training calls: the model, or its DistributedDataParallel wrapper
         self.device = torch.device("cpu")
         self.rank, self.world = 0, 1
@@ -81,23 +74,32 @@ class TranslationTask:
         """Rank `rank` of `world` takes every world-th batch of the epoch's one shuffled order."""
         self.rank, self.world = rank, world
 
-    def batches(self, epoch: int) -> list:
-        d, t = self.cfg.data, self.cfg.train
-        src_ids, tgt_ids = self.src_ids, self.tgt_ids
-        if d.sample_alpha > 0:  # subword regularization: a fresh segmentation each epoch
-            import sentencepiece as spm
-            spm.set_random_generator_seed(t.seed * 1000 + epoch)
-            src_ids = self.tokenizer.encode(self.train_src, d.sample_alpha)
-            tgt_ids = self.tokenizer.encode(self.train_tgt, d.sample_alpha)
-        order = token_batches([len(s) + 1 for s in src_ids], [len(s) + 1 for s in tgt_ids], t.batch_tokens,
-                              seed=t.seed * 1000 + epoch)
+    def batches(self, epoch: int) -> list[tuple[int, np.ndarray]]:
+        """(sampling seed, row numbers) per batch, the rows read from the table when trained on."""
+        t = self.cfg.train
+        seed = t.seed * 1000 + epoch
+        order = token_batches(self.train.src_len[self.rows] + 1, self.train.tgt_len[self.rows] + 1, t.batch_tokens, seed)
+        order = [((seed * 100_003 + i) % (2**32 - 1), self.rows[b]) for i, b in enumerate(order)]  # SentencePiece's seed is 32-bit
         if self.world > 1:  # the same number for every rank: they step together
             order = order[self.rank :: self.world][: len(order) // self.world]
-        return [([src_ids[i] for i in b], [tgt_ids[i] for i in b]) for b in order]
+        return order
 
-    def loss(self, batch, smoothing: float | None = None, teacher_forcing: float | None = None) -> tuple[torch.Tensor, int]:
-        src, src_len = pad(batch[0], PAD, eos=EOS)
-        tgt, _ = pad(batch[1], PAD, bos=BOS, eos=EOS)
+    def read(self, batch: tuple[int, np.ndarray]) -> tuple[list[list[int]], list[list[int]]]:
+        seed, rows = batch
+        alpha = self.cfg.data.sample_alpha
+        if alpha > 0:  # subword regularization: each batch segmented afresh, repeatably from its seed
+            import sentencepiece as spm
+            spm.set_random_generator_seed(seed)
+            return self.train.sampled_rows(rows, alpha)
+        return self.train.rows(rows)
+
+    def loss(self, batch: tuple[int, np.ndarray]) -> tuple[torch.Tensor, int]:
+        return self.pair_loss(*self.read(batch))
+
+    def pair_loss(self, src_ids: list[list[int]], tgt_ids: list[list[int]], smoothing: float | None = None,
+                  teacher_forcing: float | None = None) -> tuple[torch.Tensor, int]:
+        src, src_len = pad(src_ids, PAD, eos=EOS)
+        tgt, _ = pad(tgt_ids, PAD, bos=BOS, eos=EOS)
         if self.device.type == "cuda":  # pinned pages let the copy overlap the GPU's work
             src, tgt = src.pin_memory().to(self.device, non_blocking=True), tgt.pin_memory().to(self.device, non_blocking=True)
         ratio = self.cfg.train.teacher_forcing if teacher_forcing is None else teacher_forcing
@@ -118,8 +120,8 @@ class TranslationTask:
         order = token_batches([len(s) + 1 for s in self.dev_src_ids], [len(s) + 1 for s in self.dev_tgt_ids],
                               self.cfg.train.batch_tokens, seed=0)
         for b in order:
-            loss, n = self.loss(([self.dev_src_ids[i] for i in b], [self.dev_tgt_ids[i] for i in b]),
-                                smoothing=0.0, teacher_forcing=1.0)
+            loss, n = self.pair_loss([self.dev_src_ids[i] for i in b], [self.dev_tgt_ids[i] for i in b],
+                                     smoothing=0.0, teacher_forcing=1.0)
             total, count = total + float(loss), count + n
         hyps = inference.translate(self.model, self.tokenizer, self.dev_src, beam=self.cfg.train.dev_beam,
                                    bf16=self.cfg.train.bf16)
@@ -295,13 +297,14 @@ class Trainer:
             tokenizer = kind_tokenizer.load(output)
             state = checkpoint.load_state(output / checkpoint.STATE)
             data_dir = data_dir or Path(json.loads(state["progress"])["data_dir"])
-        elif not main:
-            self.cluster.barrier()  # rank 0 builds the tokenizer: one tokenizer for every rank
-            tokenizer = kind_tokenizer.load(output)
+        if not main:  # rank 0 first: it builds the token cache and the tokenizer, which the others read
+            self.cluster.barrier()
+            tokenizer = tokenizer or kind_tokenizer.load(output)
         data_dir = Path(data_dir)
         self.task = TASKS[cfg.kind](cfg, data_dir, tokenizer)
-        if main and not resume:
-            self.task.tokenizer.save(output)
+        if main:
+            if not resume:
+                self.task.tokenizer.save(output)
             self.cluster.barrier()
         self.task.to(self.device)
         self.task.shard(self.cluster.rank, self.cluster.world)

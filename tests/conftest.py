@@ -1,6 +1,9 @@
+import atexit
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -15,6 +18,9 @@ SAMPLE_DIR = ROOT / "data"
 SHARED_DATA = Path(os.environ.get("SEQ2SEQ_DATA", ROOT.parent / "shared" / "data"))
 
 torch.set_num_threads(2)
+# The token cache of the tests' corpora: theirs alone, not the user's ~/.cache/seq2seq.
+os.environ["SEQ2SEQ_CACHE"] = tempfile.mkdtemp(prefix="seq2seq-test-cache-")
+atexit.register(shutil.rmtree, os.environ["SEQ2SEQ_CACHE"], ignore_errors=True)
 
 
 def shared_corpus(name: str) -> Path:
