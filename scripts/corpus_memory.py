@@ -7,11 +7,13 @@ For each size it writes a TSV of that many synthetic pairs (made-up words, deter
 in a fresh process with an empty cache, builds the text table, trains SentencePiece, tokenizes,
 plans one epoch of 3,000-token batches and reads 500 of them; then once more with the cache
 warm. It prints one JSON object: per size and phase, seconds and the process's resident memory
-(now and peak, from /proc), plus the peak of the tokenizing worker processes.
+(now and peak, from /proc; now split into anonymous memory and mapped file pages), plus the peak
+of the tokenizing worker processes.
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import random
 import resource
@@ -27,16 +29,18 @@ def write_corpus(path: Path, pairs: int, seed: int = 1) -> None:
     rng = random.Random(seed)
     words = sorted({"".join(rng.choices(SYLLABLES, k=rng.randint(1, 4))) for _ in range(20_000)})
     french = {w: w[::-1] + rng.choice(["e", "es", "x", ""]) for w in words}
-    weights = [1 / (rank + 1) for rank in range(len(words))]  # Zipf-like, as real text
+    cumulative = list(itertools.accumulate(1 / (rank + 1) for rank in range(len(words))))  # Zipf-like, as real text
     with path.open("w", encoding="utf-8") as f:
         for _ in range(pairs):
-            sentence = rng.choices(words, weights, k=rng.randint(3, 25))
+            sentence = rng.choices(words, cum_weights=cumulative, k=rng.randint(3, 25))
             f.write(" ".join(sentence).capitalize() + ".\t" + " ".join(french[w] for w in sentence).capitalize() + " .\n")
 
 
 def rss() -> dict:
     status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
-    return {"rss_mb": round(int(status["VmRSS"].split()[0]) / 1024), "peak_rss_mb": round(int(status["VmHWM"].split()[0]) / 1024)}
+    mb = {key: round(int(status[key].split()[0]) / 1024) for key in ("VmRSS", "VmHWM", "RssAnon", "RssFile")}
+    # RssFile is pages of the memory-mapped tables: page cache the kernel takes back under pressure
+    return {"rss_mb": mb["VmRSS"], "peak_rss_mb": mb["VmHWM"], "anon_mb": mb["RssAnon"], "file_mapped_mb": mb["RssFile"]}
 
 
 def measure(corpus: Path) -> dict:

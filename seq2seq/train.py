@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import os
+import random
 import signal
 import threading
 import time
@@ -152,7 +153,9 @@ class CharLMTask:
         self.tokenizer = tokenizer or CharVocab.build(text[:split])
         ids = torch.tensor(self.tokenizer.encode(text), dtype=torch.long)
         self.train_ids, self.valid_ids = ids[:split], ids[split:]
-        self.streams = char_streams(self.train_ids, cfg.train.batch_size)
+        char_streams(self.train_ids, cfg.train.batch_size)  # too short a text fails here, not at the first step
+        self.device, self.rank, self.world = torch.device("cpu"), 0, 1
+        self.streams, self.streams_epoch = None, None
         log.info("text: %d characters, vocabulary %d; train %d, validation %d characters",
                  len(text), len(self.tokenizer), split, len(text) - split)
         self.model = checkpoint.build(cfg, self.tokenizer)
@@ -161,23 +164,35 @@ class CharLMTask:
 
     def to(self, device: torch.device) -> None:
         self.model.to(device)
-        self.streams = self.streams.to(device)
+        self.device = device
 
     def shard(self, rank: int, world: int) -> None:
         """Rank `rank` of `world` reads its own block of the batch_size streams."""
-        if self.streams.size(0) % world:
-            raise UserError(f"train.batch_size {self.streams.size(0)} must divide by the {world} processes")
-        per = self.streams.size(0) // world
-        self.streams = self.streams[rank * per : (rank + 1) * per]
+        if self.cfg.train.batch_size % world:
+            raise UserError(f"train.batch_size {self.cfg.train.batch_size} must divide by the {world} processes")
+        self.rank, self.world, self.streams_epoch = rank, world, None
 
     def batches(self, epoch: int) -> list:
-        return list(range(0, self.streams.size(1) - 1, self.cfg.train.bptt))
+        return [(epoch, start) for start in range(0, self.epoch_streams(epoch).size(1) - 1, self.cfg.train.bptt)]
 
-    def loss(self, start: int) -> tuple[torch.Tensor, int]:
+    def epoch_streams(self, epoch: int) -> torch.Tensor:
+        """This rank's streams of the epoch. Each epoch cuts the text at its own offset, drawn from
+        (seed, epoch): rows start at new places and no epoch repeats another's windows."""
+        if self.streams_epoch != epoch:
+            t = self.cfg.train
+            offset = random.Random(t.seed * 1000 + epoch).randrange(max(1, len(self.train_ids) // t.batch_size // 2))
+            streams = char_streams(self.train_ids[offset:], t.batch_size)
+            per = t.batch_size // self.world
+            self.streams, self.streams_epoch = streams[self.rank * per : (self.rank + 1) * per].to(self.device), epoch
+        return self.streams
+
+    def loss(self, batch: tuple[int, int]) -> tuple[torch.Tensor, int]:
+        epoch, start = batch
         if start == 0:
-            self.hidden = None  # each epoch reads the streams from their start
-        x = self.streams[:, start : start + self.cfg.train.bptt]
-        y = self.streams[:, start + 1 : start + 1 + self.cfg.train.bptt]
+            self.hidden = None  # each epoch reads its streams from their start
+        streams = self.epoch_streams(epoch)
+        x = streams[:, start : start + self.cfg.train.bptt]
+        y = streams[:, start + 1 : start + 1 + self.cfg.train.bptt]
         x = x[:, : y.size(1)]
         with autocast(self.cfg.train.bf16, x.device):
             logits, hidden = self.forward(x, self.hidden)
@@ -202,7 +217,7 @@ class CharLMTask:
         return {f"hidden{i}": h.cpu() for i, h in enumerate(hidden)}
 
     def load_extra_state(self, state: dict) -> None:
-        parts = [state[f"hidden{i}"].to(self.streams.device) for i in range(2) if f"hidden{i}" in state]
+        parts = [state[f"hidden{i}"].to(self.device) for i in range(2) if f"hidden{i}" in state]
         self.hidden = None if not parts else (tuple(parts) if len(parts) == 2 else parts[0])
 
 

@@ -92,3 +92,22 @@ def test_one_step_decoding_equals_the_sequence_pass(cell):
     for t in range(12):
         logits, state = model.step(text[:, t], state)
         assert torch.allclose(logits.log_softmax(-1), expected[:, t], atol=1e-5)
+
+
+def test_each_epoch_cuts_the_streams_at_its_own_offset_and_ranks_split_them():
+    from seq2seq.config import load_preset
+    from seq2seq.train import CharLMTask
+
+    task = CharLMTask(load_preset("tiny-charlm", "charlm"), SAMPLE_DIR)
+    text = task.train_ids.tolist()
+
+    def windows(epoch):
+        return [task.epoch_streams(epoch)[:, start : start + 32].tolist() for _, start in task.batches(epoch)]
+
+    first, again, second = windows(0), windows(0), windows(1)
+    assert first == again and first != second  # deterministic per (seed, epoch); new windows each epoch
+    rows = task.epoch_streams(1).tolist()
+    start = next(i for i in range(len(text)) if text[i : i + len(rows[0])] == rows[0])
+    assert all(row == text[start + r * len(row) : start + (r + 1) * len(row)] for r, row in enumerate(rows))  # contiguous cuts
+    task.shard(1, 2)
+    assert task.epoch_streams(1).tolist() == rows[len(rows) // 2 :]  # rank 1 of 2: the second block of streams
