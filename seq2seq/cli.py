@@ -47,7 +47,9 @@ def parser() -> argparse.ArgumentParser:
     top = Parser(prog="seq2seq", description="Recurrent sequence models: translation and character LMs.")
     sub = top.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("train", help="train a translator or a character language model")
+    p = sub.add_parser("train", help="train a translator or a character language model",
+                       epilog="A translator's training pairs are tokenized once into a cache under $SEQ2SEQ_CACHE "
+                              "(default ~/.cache/seq2seq) that later runs on the same data reuse.")
     p.add_argument("kind", choices=["translator", "charlm"])
     p.add_argument("--preset", help=f"a shipped preset ({', '.join(preset_names())}) or a TOML file")
     p.add_argument("--data-dir", type=Path, help="where preset data paths start (default $SEQ2SEQ_DATA, else ../shared/data)")
