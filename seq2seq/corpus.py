@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from seq2seq.config import TranslatorData
-from seq2seq.data import corpus_files, iter_pairs
+from seq2seq.data import corpus_files, iter_pairs, non_empty
 from seq2seq.errors import UserError
 from seq2seq.files import atomic_path
 from seq2seq.tokenizer import SubwordTokenizer
@@ -119,17 +119,12 @@ def _text_rows(spec: str, data_dir: str, stamps: str, version: int):
     """Non-empty pairs, stripped, as table rows. `stamps` and `version` are not read here: they are
     part of the cache key."""
     cfg = TranslatorData(**json.loads(spec))
-    read = kept = 0
-    for src, tgt in iter_pairs(cfg, Path(data_dir), "train"):
-        read += 1
-        src, tgt = src.strip(), tgt.strip()
-        if src and tgt:
-            kept += 1
-            yield {"src": src, "tgt": tgt}
+    kept = 0
+    for src, tgt in non_empty(iter_pairs(cfg, Path(data_dir), "train"), "train"):
+        kept += 1
+        yield {"src": src, "tgt": tgt}
     if not kept:  # raised, not yielded as an empty table: an empty split is not cached
         raise UserError(f"data.train {cfg.train!r}: no sentence pairs")
-    if kept < read:
-        log.info("train: dropped %d empty pair(s) of %d", read - kept, read)
 
 
 def _stamp(path: Path) -> tuple:

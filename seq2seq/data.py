@@ -89,10 +89,6 @@ def iter_tsv(path: str | Path, skip_bad_lines: bool = False) -> Iterator[tuple[s
                     ", ".join(map(str, bad[:10])) + (", ..." if len(bad) > 10 else ""))
 
 
-def read_hf(cfg: TranslatorData, split: str, data_dir: Path = Path(".")) -> list[tuple[str, str]]:
-    return list(iter_hf(cfg, split, data_dir))
-
-
 def iter_hf(cfg: TranslatorData, split: str, data_dir: Path = Path(".")) -> Iterator[tuple[str, str]]:
     """A split of a Hugging Face dataset: a hub name (needs internet) or a local loader + files
     (a relative data.hf_data_files starts at data_dir, as every other data path does). The table is
@@ -109,8 +105,9 @@ def iter_hf(cfg: TranslatorData, split: str, data_dir: Path = Path(".")) -> Iter
     except Exception as e:  # datasets raises many types; all mean "could not load this"
         raise UserError(f"dataset {cfg.hf_path!r} split {split!r}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
     index = 0
-    for rows in table.iter(batch_size=10_000):
-        for row in (dict(zip(rows, values)) for values in zip(*rows.values())):
+    for rows in table.iter(batch_size=10_000):  # columns of 10,000 rows
+        for values in zip(*rows.values()):
+            row = dict(zip(rows, values))
             yield _field(row, cfg.hf_src_field, cfg.hf_path, index), _field(row, cfg.hf_tgt_field, cfg.hf_path, index)
             index += 1
 
@@ -187,11 +184,17 @@ def iter_corpus(cfg: TranslatorData, data_dir: Path, name: str, fmt: str) -> Ite
     raise UserError(f"data.format must be parallel, tsv or hf, got {fmt!r}")
 
 
-def drop_empty(pairs: list[tuple[str, str]], what: str) -> list[tuple[str, str]]:
-    kept = [(s.strip(), t.strip()) for s, t in pairs if s.strip() and t.strip()]
-    if len(kept) < len(pairs):
-        log.info("%s: dropped %d empty pair(s) of %d", what, len(pairs) - len(kept), len(pairs))
-    return kept
+def non_empty(pairs, what: str) -> Iterator[tuple[str, str]]:
+    """The pairs stripped, those with an empty side left out and counted in the log at the end."""
+    read = kept = 0
+    for src, tgt in pairs:
+        read += 1
+        src, tgt = src.strip(), tgt.strip()
+        if src and tgt:
+            kept += 1
+            yield src, tgt
+    if kept < read:
+        log.info("%s: dropped %d empty pair(s) of %d", what, read - kept, read)
 
 
 def within_length(src_ids: list, tgt_ids: list, max_tokens: int, what: str) -> list[int]:

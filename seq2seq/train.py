@@ -28,7 +28,7 @@ from seq2seq.device import resolve as resolve_device
 from seq2seq.distributed import Cluster
 from seq2seq.config import Config
 from seq2seq.corpus import TokenizedCorpus
-from seq2seq.data import (char_streams, drop_empty, load_pairs, within_length, pad, read_text, resolve,
+from seq2seq.data import (char_streams, load_pairs, non_empty, within_length, pad, read_text, resolve,
                           token_batches)
 from seq2seq.errors import Interrupted, UserError
 from seq2seq.files import check_free_space, check_output_folder, write_text_atomic
@@ -43,13 +43,14 @@ log = logging.getLogger("seq2seq")
 class TranslationTask:
     def __init__(self, cfg: Config, data_dir: Path, tokenizer: SubwordTokenizer | None = None):
         d, self.cfg = cfg.data, cfg
-        dev = drop_empty(load_pairs(d, data_dir, "dev"), "dev")  # first: a wrong dev path fails in seconds
+        dev = list(non_empty(load_pairs(d, data_dir, "dev"), "dev"))  # first: a wrong dev path fails in seconds
         if not dev:
             raise UserError(f"data.dev {d.dev!r}: no sentence pairs")
         self.train = TokenizedCorpus.build(d, data_dir, tokenizer)
         self.tokenizer = self.train.tokenizer
         fits = (self.train.src_len <= d.max_tokens) & (self.train.tgt_len <= d.max_tokens)
         self.rows = np.flatnonzero(fits)  # the pairs trained on
+        self.src_len, self.tgt_len = self.train.src_len[self.rows] + 1, self.train.tgt_len[self.rows] + 1  # with EOS/BOS
         if len(self.rows) < len(fits):
             log.info("train: dropped %d pair(s) longer than %d tokens", len(fits) - len(self.rows), d.max_tokens)
         if not len(self.rows):
@@ -61,7 +62,7 @@ class TranslationTask:
         keep = within_length(dev_src_ids, dev_tgt_ids, d.max_tokens, "dev")  # for dev loss; BLEU uses all
         self.dev_src_ids, self.dev_tgt_ids = [dev_src_ids[i] for i in keep], [dev_tgt_ids[i] for i in keep]
         log.info("train: %d pairs, %d target tokens; dev: %d pairs", len(self.rows),
-                 int(self.train.tgt_len[self.rows].sum()), len(self.dev_src))
+                 int(self.tgt_len.sum()) - len(self.rows), len(self.dev_src))
         self.model = checkpoint.build(cfg, self.tokenizer)
         self.forward = self.model  # what training calls: the model, or its DistributedDataParallel wrapper
         self.device = torch.device("cpu")
@@ -79,7 +80,7 @@ class TranslationTask:
         """(sampling seed, row numbers) per batch, the rows read from the table when trained on."""
         t = self.cfg.train
         seed = t.seed * 1000 + epoch
-        order = token_batches(self.train.src_len[self.rows] + 1, self.train.tgt_len[self.rows] + 1, t.batch_tokens, seed)
+        order = token_batches(self.src_len, self.tgt_len, t.batch_tokens, seed)
         order = [((seed * 100_003 + i) % (2**32 - 1), self.rows[b]) for i, b in enumerate(order)]  # SentencePiece's seed is 32-bit
         if self.world > 1:  # the same number for every rank: they step together
             order = order[self.rank :: self.world][: len(order) // self.world]
