@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_INT_MAX = 2**31 - 1
 
 
 @functools.cache
@@ -16,13 +17,16 @@ def tune_allocator() -> bool:
     """Keep freed memory in the process instead of handing it back to the kernel.
 
     glibc serves blocks above its mmap threshold (at most 32 MB, the size of one step's logits)
-    with fresh mmap'd pages and returns them on free, so every training step page-faults its
-    largest tensors anew. Measured on the translator: about 6% of a step. Only glibc on Linux."""
+    with fresh mmap'd pages and returns them on free, and trims the heap's free top likewise, so
+    every training step and decoding step page-faults its largest tensors anew. Measured: about
+    6% of a translator training step; beam-5 decoding of 1,000 sentences 1.6M page faults and 4.2 s
+    of system time before, 1,700 faults after. mallopt takes a C int: a value of 2**32 would be
+    masked to 0, which trims at every free. Only glibc on Linux."""
     if platform.system() != "Linux":
         return False
     try:
         libc = ctypes.CDLL("libc.so.6")
-        return bool(libc.mallopt(_M_MMAP_THRESHOLD, 1 << 30) and libc.mallopt(_M_TRIM_THRESHOLD, 1 << 32))
+        return bool(libc.mallopt(_M_MMAP_THRESHOLD, 1 << 30) and libc.mallopt(_M_TRIM_THRESHOLD, _INT_MAX))
     except (OSError, AttributeError):
         return False
 

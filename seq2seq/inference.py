@@ -14,7 +14,7 @@ from seq2seq.data import pad
 from seq2seq.metrics import char_scores
 from seq2seq.models.charlm import CharLM
 from seq2seq.models.translator import Translator
-from seq2seq.models.rnn import detach
+from seq2seq.models.rnn import detach, packed_for_decoding
 from seq2seq.tokenizer import BOS, EOS, PAD, CharVocab, SubwordTokenizer
 
 
@@ -27,11 +27,11 @@ def decoding_bf16(bf16: bool | None, device: torch.device | str = "cpu") -> bool
 
 @contextmanager
 def decoding(model, bf16: bool):
-    """Eval mode, no autograd, bf16 autocast if asked; autocast casts each weight once per
-    region, so a region should span a whole call. Not inference_mode: under it autocast casts
-    the weights again at every step."""
+    """Eval mode, no autograd, bf16 autocast if asked, and the step's weights packed once for the
+    CPU's matrix products; a region should span a whole call. Not inference_mode: under it
+    autocast casts the encoder's weights again at every call."""
     model.eval()
-    with torch.no_grad(), autocast(bf16, device_of(model)):
+    with torch.no_grad(), autocast(bf16, device_of(model)), packed_for_decoding(model, torch.bfloat16 if bf16 else torch.float32):
         yield
 
 

@@ -1,7 +1,7 @@
 """Greedy search, beam search and sampling, written once for both models.
 
 A model offers three things (see `Translator` and `CharLM`):
-  `step(tokens (N,), state) -> (logits (N, V) fp32, state)`,
+  `step(tokens (N,), state) -> (logits (N, V), state)` (in the model's compute dtype),
   `reorder_state(state, rows, sentences) -> state` (select/repeat batch rows; what a model keeps
   once per input, such as the translator's encoder states, by `sentences`, None for unchanged),
   and a start state built by the caller with the first input tokens (BOS for the translator, the
@@ -35,15 +35,17 @@ def _as_lengths(max_lens, batch: int, device: torch.device) -> torch.Tensor:
     return torch.as_tensor(max_lens, dtype=torch.long).to(device, copy=True)
 
 
-def _token_log_probs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """log softmax(logits)[tokens], without writing the whole log-softmax."""
-    return logits.gather(1, tokens.unsqueeze(1)).squeeze(1) - logits.logsumexp(-1)
+def _log_probs(logits: torch.Tensor) -> torch.Tensor:
+    """fp32 log-probabilities, which every search reads (so no logsumexp pass of its own).
+    Cast first: on 320 x 8000 bf16 logits, .float() then log_softmax takes 0.9 ms on the 2-core
+    machine, log_softmax(dtype=float32) 2.9 ms and logsumexp alone 2.8 ms."""
+    return torch.log_softmax(logits.float(), dim=-1)
 
 
 def _decode(model, state, first_tokens: torch.Tensor, max_lens, eos: int | None,
             choose: Callable[[torch.Tensor], torch.Tensor],
             on_step: Callable[[torch.Tensor, torch.Tensor], None] | None = None) -> list[Hypothesis]:
-    """One token per step per row, `choose(logits) -> tokens`, until EOS or the row's max length."""
+    """One token per step per row, `choose(log_probs) -> tokens`, until EOS or the row's max length."""
     batch, device = first_tokens.size(0), first_tokens.device
     max_lens = _as_lengths(max_lens, batch, device)
     steps = int(max_lens.max()) if batch else 0
@@ -56,11 +58,12 @@ def _decode(model, state, first_tokens: torch.Tensor, max_lens, eos: int | None,
     first_limit = int(row_max.min()) if batch else 0  # without EOS no row ends before this step
     for t in range(steps):
         logits, state = model.step(tokens, state)
-        tokens = choose(logits)
+        log_probs = _log_probs(logits)
+        tokens = choose(log_probs)
         if not record or record[-1][0] is not rows:
             record.append((rows, [], []))
         record[-1][1].append(tokens)
-        record[-1][2].append(_token_log_probs(logits, tokens))
+        record[-1][2].append(log_probs.gather(1, tokens.unsqueeze(1)).squeeze(1))
         if on_step is not None:
             live = (~finished).nonzero().squeeze(1) if n_finished else slice(None)
             on_step(rows[live], tokens[live])
@@ -99,7 +102,7 @@ def _decode(model, state, first_tokens: torch.Tensor, max_lens, eos: int | None,
 
 @torch.no_grad()
 def greedy(model, state, first_tokens, max_lens, eos: int | None = None) -> list[Hypothesis]:
-    return _decode(model, state, first_tokens, max_lens, eos, lambda logits: logits.argmax(-1))
+    return _decode(model, state, first_tokens, max_lens, eos, lambda log_probs: log_probs.argmax(-1))
 
 
 @torch.no_grad()
@@ -108,10 +111,10 @@ def sample(model, state, first_tokens, max_lens, eos: int | None = None, tempera
            on_step=None) -> list[Hypothesis]:
     """Ancestral sampling with temperature, top-k and nucleus (top-p) filtering; temperature 0 is greedy."""
     if temperature <= 0:
-        return _decode(model, state, first_tokens, max_lens, eos, lambda logits: logits.argmax(-1), on_step)
+        return _decode(model, state, first_tokens, max_lens, eos, lambda log_probs: log_probs.argmax(-1), on_step)
 
-    def choose(logits: torch.Tensor) -> torch.Tensor:
-        logits = logits / temperature
+    def choose(log_probs: torch.Tensor) -> torch.Tensor:
+        logits = log_probs / temperature  # the softmax of logits shifted by a row's constant
         if 0 < top_k < logits.size(-1):
             kth = logits.topk(top_k, dim=-1).values[:, -1:]
             logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -157,8 +160,7 @@ def beam_search(model, state, first_tokens, max_lens, beam_size: int, eos: int |
         logits, state = model.step(tokens, state)
         n, vocab = active.numel(), logits.size(-1)
         width = min(2 * k, k * vocab)
-        row_top, row_tokens = logits.topk(min(width, vocab), dim=1)  # (n*k, w)
-        row_log_probs = row_top - logits.logsumexp(-1, keepdim=True)
+        row_log_probs, row_tokens = _log_probs(logits).topk(min(width, vocab), dim=1)  # (n*k, w)
         candidates = (scores.view(-1, 1) + row_log_probs).view(n, -1)
         top_scores, top_ids = candidates.topk(width, dim=1)
         per_row = row_tokens.size(1)

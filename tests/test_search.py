@@ -144,3 +144,29 @@ def test_greedy_scores_are_summed_log_probs_up_to_eos():
             total += float(logits.log_softmax(-1)[0, tok])
             tokens = torch.tensor([tok])
         assert abs(total - hyp.score) < 1e-4
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="packed weights need oneDNN (mkldnn)")
+def test_packed_weights_decode_as_the_plain_step_and_are_released_after():
+    """Decoding packs the linear layers' and one-way LSTMs' weights once; in fp32 the packed step
+    computes the plain step's logits, and greedy and beam search find the same outputs."""
+    from seq2seq.models.rnn import packed_for_decoding
+
+    charlm = small_charlm(seed=21).eval()
+    prompt = torch.randint(1, 20, (4, 6), generator=torch.Generator().manual_seed(22))
+    translator = small_translator(seed=23).eval()
+    src, src_len = random_batch(seed=24, batch=7)
+    with torch.no_grad():
+        plain_logits, plain_state = charlm.step(prompt[:, -1], charlm.start(prompt))
+        plain_greedy = search.greedy(charlm, charlm.start(prompt), prompt[:, -1], 20)
+        plain_beam = search.beam_search(translator, *translator_start(translator, src, src_len), beam_size=3, eos=EOS)
+        with packed_for_decoding(charlm, torch.float32), packed_for_decoding(translator, torch.float32):
+            assert charlm.rnn.packed_layers and "forward" in vars(charlm.out)
+            logits, state = charlm.step(prompt[:, -1], charlm.start(prompt))
+            greedy = search.greedy(charlm, charlm.start(prompt), prompt[:, -1], 20)
+            beam = search.beam_search(translator, *translator_start(translator, src, src_len), beam_size=3, eos=EOS)
+    assert torch.allclose(logits, plain_logits, atol=1e-5)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(state["hidden"], plain_state["hidden"]))
+    assert [h.tokens for h in greedy] == [h.tokens for h in plain_greedy]
+    assert [[h.tokens for h in hyps] for hyps in beam] == [[h.tokens for h in hyps] for hyps in plain_beam]
+    assert not hasattr(charlm.rnn, "packed_layers") and "forward" not in vars(charlm.out)

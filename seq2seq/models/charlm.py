@@ -38,12 +38,12 @@ class CharLM(nn.Module):
         return {"hidden": hidden}
 
     def step(self, tokens: torch.Tensor, state: dict) -> tuple[torch.Tensor, dict]:
-        """Next-character logits (N, V) in fp32 for tokens (N,)."""
+        """Next-character logits (N, V) for tokens (N,)."""
         out, hidden = rnn_step(self.rnn, self.dropout(self.embed(tokens)), state["hidden"])
         out = self.dropout(out)
         if self.bottleneck is not None:
             out = self.bottleneck(out)
-        return self.out(out).float(), {"hidden": hidden}
+        return self.out(out), {"hidden": hidden}
 
     @staticmethod
     def reorder_state(state: dict, rows: torch.Tensor, sentences: torch.Tensor | None = None) -> dict:

@@ -1,5 +1,8 @@
-"""The recurrent cell choice shared by both models: lstm | gru | rnn."""
+"""The recurrent cell choice shared by both models: lstm | gru | rnn; and the one-step kernels
+that decoding runs."""
 from __future__ import annotations
+
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -53,6 +56,8 @@ def rnn_step(rnn: nn.RNNBase, x: torch.Tensor, hidden: Hidden | None) -> tuple[t
     if hidden is None:
         zeros = x.new_zeros(rnn.num_layers, x.size(0), rnn.hidden_size, dtype=torch.float32)
         hidden = (zeros, zeros) if lstm else zeros
+    if getattr(rnn, "packed_layers", None) is not None:
+        return _packed_lstm_step(rnn.packed_layers, x, hidden)
     h_out, c_out, out = [], [], x
     for layer in range(rnn.num_layers):
         weights = [getattr(rnn, f"{name}_l{layer}") for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
@@ -67,6 +72,64 @@ def rnn_step(rnn: nn.RNNBase, x: torch.Tensor, hidden: Hidden | None) -> tuple[t
             out = nn.functional.dropout(out, rnn.dropout, training=True)
     h_stack = torch.stack(h_out)
     return out, ((h_stack, torch.stack(c_out)) if lstm else h_stack)
+
+
+class PackedLinear:
+    """x W^T + b with W cast to the compute dtype and reordered into oneDNN's blocked layout once.
+    F.linear (and autocast's cached cast) reorders the weight at every call, which is most of the
+    cost of the small products decoding makes: a 1 x 512 by 512 x 2048 bf16 product takes 75 us
+    through F.linear and 34 us packed on this 2-core machine (M = 32: 228 -> 179 us)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype):
+        self.dtype = dtype
+        self.weight = torch.ops.mkldnn._reorder_linear_weight(weight.detach().to(dtype))
+        self.bias = None if bias is None else bias.detach().to(dtype)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x.to(self.dtype), self.weight, self.bias, "none", [], "")
+
+
+def can_pack(model: nn.Module) -> bool:
+    param = next(model.parameters())
+    return param.device.type == "cpu" and torch.backends.mkldnn.is_available()
+
+
+@contextmanager
+def packed_for_decoding(model: nn.Module, dtype: torch.dtype):
+    """Within the block, the model's linear layers and its one-way LSTMs' step kernel use weights
+    packed once (see PackedLinear); weights must not change inside it. Elsewhere (not a CPU, no
+    oneDNN) nothing changes."""
+    patched: list[tuple[nn.Module, str]] = []
+    if can_pack(model):
+        for module in model.modules():
+            if isinstance(module, nn.Linear):
+                module.forward = PackedLinear(module.weight, module.bias, dtype)
+                patched.append((module, "forward"))
+            elif isinstance(module, nn.LSTM) and not module.bidirectional and module.proj_size == 0:
+                module.packed_layers = [
+                    PackedLinear(torch.cat([getattr(module, f"weight_ih_l{layer}"), getattr(module, f"weight_hh_l{layer}")], 1),
+                                 getattr(module, f"bias_ih_l{layer}") + getattr(module, f"bias_hh_l{layer}"), dtype)
+                    for layer in range(module.num_layers)]
+                patched.append((module, "packed_layers"))
+    try:
+        yield
+    finally:
+        for module, name in patched:
+            delattr(module, name)
+
+
+def _packed_lstm_step(layers: list[PackedLinear], x: torch.Tensor, hidden: Hidden) -> tuple[torch.Tensor, Hidden]:
+    """An LSTM step in eval mode on packed [W_ih | W_hh] weights: one product per layer, gates and
+    cell state in fp32."""
+    h_out, c_out, out = [], [], x
+    for layer, gates_of in enumerate(layers):
+        h, c = hidden[0][layer], hidden[1][layer]
+        i, f, g, o = gates_of(torch.cat([out, h], 1)).float().chunk(4, 1)
+        c = torch.sigmoid(f) * c.float() + torch.sigmoid(i) * torch.tanh(g)
+        out = torch.sigmoid(o) * torch.tanh(c)
+        h_out.append(out)
+        c_out.append(c)
+    return out, (torch.stack(h_out), torch.stack(c_out))
 
 
 def select_rows(hidden: Hidden, index: torch.Tensor) -> Hidden:

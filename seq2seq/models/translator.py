@@ -47,6 +47,9 @@ class Translator(nn.Module):
         h0 = h0.transpose(0, 1).contiguous()
         hidden = (h0, h0) if self.cfg.cell == "lstm" else h0
         memory = self.dropout(memory)
+        if torch.is_autocast_enabled(memory.device.type):
+            # the packed encoder returns fp32: cast once here, not in every decoding step's bmm
+            memory = memory.to(torch.get_autocast_dtype(memory.device.type))
         state = {"hidden": hidden, "memory": memory, "keys": self.attention.keys(memory),
                  "mask": src != PAD}
         if self.cfg.input_feeding:
@@ -58,7 +61,7 @@ class Translator(nn.Module):
         context, weights = self.attention(dec_out, state["keys"], state["memory"], state["mask"])
         return torch.tanh(self.combine(torch.cat([context, dec_out], dim=-1))), weights
 
-    def _step_logits(self, tokens: torch.Tensor, state: dict) -> tuple[torch.Tensor, dict]:
+    def step(self, tokens: torch.Tensor, state: dict) -> tuple[torch.Tensor, dict]:
         """One decoder step for tokens (B,) -> logits (B, V) and the next state."""
         x = self.dropout(self.embed(tokens))
         if self.cfg.input_feeding:
@@ -72,11 +75,6 @@ class Translator(nn.Module):
         if self.cfg.input_feeding:
             state["feed"] = attentional
         return self.out(self.dropout(attentional)), state
-
-    def step(self, tokens: torch.Tensor, state: dict) -> tuple[torch.Tensor, dict]:
-        """Next-token logits (N, V) in fp32 for tokens (N,)."""
-        logits, state = self._step_logits(tokens, state)
-        return logits.float(), state
 
     @staticmethod
     def reorder_state(state: dict, rows: torch.Tensor, sentences: torch.Tensor | None = None) -> dict:
@@ -110,6 +108,6 @@ class Translator(nn.Module):
                 if teacher_forcing < 1.0:  # scheduled sampling: the model's own previous guess
                     own = torch.rand(tokens.shape, device=tokens.device) >= teacher_forcing
                     tokens = torch.where(own, logits[-1].argmax(-1), tokens)
-            step_logits, state = self._step_logits(tokens, state)
+            step_logits, state = self.step(tokens, state)
             logits.append(step_logits)
         return torch.stack(logits, dim=1)
