@@ -8,6 +8,7 @@ import torch
 from tqdm import tqdm
 
 from seq2seq import search
+from seq2seq.cpu import tune_allocator
 from seq2seq.device import autocast, native_bf16
 from seq2seq.device import of as device_of
 from seq2seq.data import pad
@@ -29,8 +30,11 @@ def decoding_bf16(bf16: bool | None, device: torch.device | str = "cpu") -> bool
 def decoding(model, bf16: bool):
     """Eval mode, no autograd, bf16 autocast if asked, and the step's weights packed once for the
     CPU's matrix products; a region should span a whole call. Not inference_mode: under it
-    autocast casts the encoder's weights again at every call."""
+    autocast casts the encoder's weights again at every call. On a CPU the process keeps freed
+    memory (`cpu.tune_allocator`): each step's logits would otherwise be page-faulted anew."""
     model.eval()
+    if device_of(model).type == "cpu":
+        tune_allocator()
     with torch.no_grad(), autocast(bf16, device_of(model)), packed_for_decoding(model, torch.bfloat16 if bf16 else torch.float32):
         yield
 

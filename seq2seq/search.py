@@ -42,6 +42,44 @@ def _log_probs(logits: torch.Tensor) -> torch.Tensor:
     return torch.log_softmax(logits.float(), dim=-1)
 
 
+def _block_size(vocab: int) -> int:
+    """The largest divisor of the vocabulary up to 128 (8000 -> 100), or 0 when the vocabulary is
+    too small or has no divisor there, and the plain reductions do."""
+    if vocab < 1024:
+        return 0
+    return next((b for b in range(128, 15, -1) if vocab % b == 0), 0)
+
+
+def _argmax(x: torch.Tensor) -> torch.Tensor:
+    """x.argmax(-1) of (rows, vocabulary) in two stages: the CPU's argmax walks a row one value at
+    a time, while a max is vectorised. Each row's first block holding its maximum, then that
+    block's first maximum: the first maximum, as argmax gives. 320 x 8000: 1.1 ms -> ? ms."""
+    n, vocab = x.shape
+    block = _block_size(vocab)
+    if not block or not n:
+        return x.argmax(-1)
+    blocks = x.view(n, vocab // block, block)
+    first_block = blocks.amax(-1).argmax(-1)
+    within = blocks[torch.arange(n, device=x.device), first_block].argmax(-1)
+    return first_block * block + within
+
+
+def _topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """x.topk(k, dim=1) of (rows, vocabulary), sorted, in two stages: the k best values of a row lie
+    in the k blocks with the best maxima (a value outside them has k block maxima above it), so
+    the exact top k is taken over those k blocks only. Equal values may be chosen in another
+    order than torch.topk's. 320 x 8000, k = 10: 1.8 ms -> ? ms."""
+    n, vocab = x.shape
+    block = _block_size(vocab)
+    if not block or k * block >= vocab or not n:
+        return x.topk(k, dim=1)
+    blocks = x.view(n, vocab // block, block)
+    best_blocks = blocks.amax(-1).topk(k, dim=1).indices
+    candidates = blocks.gather(1, best_blocks.unsqueeze(-1).expand(-1, -1, block)).view(n, k * block)
+    values, at = candidates.topk(k, dim=1)
+    return values, best_blocks.gather(1, at // block) * block + at % block
+
+
 def _decode(model, state, first_tokens: torch.Tensor, max_lens, eos: int | None,
             choose: Callable[[torch.Tensor], torch.Tensor],
             on_step: Callable[[torch.Tensor, torch.Tensor], None] | None = None) -> list[Hypothesis]:
@@ -102,7 +140,7 @@ def _decode(model, state, first_tokens: torch.Tensor, max_lens, eos: int | None,
 
 @torch.no_grad()
 def greedy(model, state, first_tokens, max_lens, eos: int | None = None) -> list[Hypothesis]:
-    return _decode(model, state, first_tokens, max_lens, eos, lambda log_probs: log_probs.argmax(-1))
+    return _decode(model, state, first_tokens, max_lens, eos, _argmax)
 
 
 @torch.no_grad()
@@ -111,7 +149,7 @@ def sample(model, state, first_tokens, max_lens, eos: int | None = None, tempera
            on_step=None) -> list[Hypothesis]:
     """Ancestral sampling with temperature, top-k and nucleus (top-p) filtering; temperature 0 is greedy."""
     if temperature <= 0:
-        return _decode(model, state, first_tokens, max_lens, eos, lambda log_probs: log_probs.argmax(-1), on_step)
+        return _decode(model, state, first_tokens, max_lens, eos, _argmax, on_step)
 
     def choose(log_probs: torch.Tensor) -> torch.Tensor:
         logits = log_probs / temperature  # the softmax of logits shifted by a row's constant
@@ -160,7 +198,7 @@ def beam_search(model, state, first_tokens, max_lens, beam_size: int, eos: int |
         logits, state = model.step(tokens, state)
         n, vocab = active.numel(), logits.size(-1)
         width = min(2 * k, k * vocab)
-        row_log_probs, row_tokens = _log_probs(logits).topk(min(width, vocab), dim=1)  # (n*k, w)
+        row_log_probs, row_tokens = _topk(_log_probs(logits), min(width, vocab))  # (n*k, w)
         candidates = (scores.view(-1, 1) + row_log_probs).view(n, -1)
         top_scores, top_ids = candidates.topk(width, dim=1)
         per_row = row_tokens.size(1)

@@ -170,3 +170,20 @@ def test_packed_weights_decode_as_the_plain_step_and_are_released_after():
     assert [h.tokens for h in greedy] == [h.tokens for h in plain_greedy]
     assert [[h.tokens for h in hyps] for hyps in beam] == [[h.tokens for h in hyps] for hyps in plain_beam]
     assert not hasattr(charlm.rnn, "packed_layers") and "forward" not in vars(charlm.out)
+
+
+@pytest.mark.parametrize("vocab", [8000, 2400, 1031])
+def test_two_stage_argmax_and_topk_equal_torchs(vocab):
+    """The block-wise reductions that greedy and beam search use over a vocabulary (8000: blocks
+    of 100; 2400: of 120; 1031, a prime: torch's own) give torch's answers; argmax keeps the
+    first of equal maxima."""
+    x = torch.randn(37, vocab, generator=torch.Generator().manual_seed(vocab))
+    assert torch.equal(search._argmax(x), x.argmax(-1))
+    for k in (1, 10):
+        values, indices = search._topk(x, k)
+        expected = x.topk(k, dim=1)
+        assert torch.equal(values, expected.values) and torch.equal(indices, expected.indices)
+    tied = x.clone()
+    tied[:, [vocab // 3, vocab - 1]] = 99.0  # two equal maxima, in different blocks
+    assert search._argmax(tied).tolist() == [vocab // 3] * 37
+    assert search._argmax(x[:0]).numel() == 0
