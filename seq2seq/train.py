@@ -354,6 +354,7 @@ class Trainer:
         self.eval_seconds = 0.0  # wall clock spent evaluating and saving since the run (or resume) started
         self.window_started = self.training_seconds() - self.progress["window_s"]  # the log window's start
         self.measure_from: tuple[int, float] | None = None  # (step, training seconds): the plan's speed from here
+        self.speed_mark: tuple[int, float] | None = None  # the same, from the plan or the last evaluation on
         self.last_eval_s: float | None = None
         self.recent_norms: deque[float] = deque(maxlen=GRADIENT_WINDOW)
         self.warned: set[str] = set()
@@ -521,6 +522,7 @@ class Trainer:
             p["bad_evals"] += 1
             if t.lr_schedule == "plateau":
                 p["plateau_scale"] = max(p["plateau_scale"] * 0.5, t.min_lr_ratio)
+        self.replan_if_late()
         self.save_resume_state()
         # what the plan counts per evaluation, saves included (rank 0's, so every rank plans alike)
         self.last_eval_s = self.cluster.from_main(clock() - eval_start)
@@ -555,6 +557,7 @@ class Trainer:
         p["total_steps"] = self.cluster.from_main(plan_total_steps(self.budget_s, self.elapsed(), p["step"], step_s,
                                                                    self.last_eval_s, steps_per_eval, self.ceiling))
         p["anneal_start"] = p["step"]
+        self.speed_mark = (p["step"], self.training_seconds())
         record = {"type": "plan", "step": p["step"], "total_steps": p["total_steps"],
                   "epochs": round(p["total_steps"] / max(len(self.batches), 1), 2), "step_s": round(step_s, 4),
                   "eval_s": round(self.last_eval_s, 2), "budget_s": self.budget_s, "ceiling": self.ceiling}
@@ -562,6 +565,26 @@ class Trainer:
         log.info("plan: %d steps (%.1f epochs) in the %g-minute budget, at %.3f s a step and %.1f s an evaluation",
                  p["total_steps"], record["epochs"], self.budget_s / 60, step_s, self.last_eval_s)
         self.save_resume_state()
+
+    def replan_if_late(self) -> None:
+        """At each evaluation of a budget run, shorten the plan when the steps since the last one
+        were slower than it allows (another process, a throttled CPU): the run then still ends
+        annealed, where the clock would have cut it short. Never longer, so a plan stands on a
+        steady machine and a resumed run follows it exactly."""
+        p = self.progress
+        mark, self.speed_mark = self.speed_mark, (p["step"], self.training_seconds())
+        if self.budget_s is None or p["total_steps"] is None or mark is None or p["step"] <= mark[0]:
+            return
+        step_s = (self.speed_mark[1] - mark[1]) / (p["step"] - mark[0])
+        total = self.cluster.from_main(plan_total_steps(self.budget_s, self.elapsed(), p["step"], step_s,
+                                                        self.last_eval_s or 0.0, self.t.eval_every or len(self.batches),
+                                                        self.ceiling))
+        if total < p["total_steps"]:
+            self.write_log({"type": "replan", "step": p["step"], "total_steps": total, "was": p["total_steps"],
+                            "step_s": round(step_s, 4)})
+            log.info("replan: %d steps instead of %d, at %.3f s a step since the last evaluation", total,
+                     p["total_steps"], step_s)
+            p["total_steps"] = total
 
     def out_of_time(self) -> bool:
         """True when the budget could not also cover one more evaluation."""

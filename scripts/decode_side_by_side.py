@@ -1,0 +1,75 @@
+#!/usr/bin/env python
+"""Decoding and generation speed of several checkouts, side by side on this machine.
+
+  git worktree add /tmp/base 44b81fb
+  python scripts/decode_side_by_side.py . /tmp/base [--rounds 2]
+
+Each checkout's own `seq2seq` package (its search, models and inference code) decodes the same
+sentences with this checkout's released models: Multi30k test_2016_flickr.en greedy and beam 5
+in bf16, and 500 characters from "ROMEO:" in 1 and 32 streams (bf16 where the checkout's
+`generate` takes `bf16`, else its fp32). Each checkout runs in a fresh process, in turn, round
+after round, so that the machine's drift falls on all of them alike. One JSON line per run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+RUN = """
+import inspect, json, statistics, sys, time
+sys.path.insert(0, {repo!r})
+from pathlib import Path
+from seq2seq import checkpoint, inference
+lines = Path({src!r}).read_text(encoding="utf-8").splitlines()
+out = {{"repo": {repo!r}}}
+
+def rate(fn, units, repeats=3):
+    fn()
+    rates = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        rates.append(units / (time.perf_counter() - start))
+    return round(statistics.median(rates), 1)
+
+_, model, tokenizer = checkpoint.load({translator!r})[:3]
+for beam in (1, 5):
+    out[f"beam{{beam}}_bf16_sentences_per_s"] = rate(
+        lambda: inference.translate(model, tokenizer, lines, beam=beam, bf16=True), len(lines))
+_, model, vocab = checkpoint.load({charlm!r})[:3]
+bf16 = "bf16" in inspect.signature(inference.generate).parameters
+for streams in (1, 32):
+    kwargs = {{"bf16": True}} if bf16 else {{}}
+    out[f"{{streams}}_streams_{{'bf16' if bf16 else 'fp32'}}_chars_per_s"] = rate(
+        lambda: inference.generate(model, vocab, ["ROMEO:"] * streams, 500, temperature=0.8, seed=1, **kwargs),
+        streams * 500)
+print(json.dumps(out))
+"""
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("repos", nargs="+", type=Path, help="checkouts to compare (their repository roots)")
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--data-dir", type=Path, default=ROOT.parent / "shared" / "data")
+    args = p.parse_args()
+    src = args.data_dir / "multi30k-en-fr" / "test_2016_flickr.en"
+    if not src.is_file():
+        sys.exit(f"decode_side_by_side: {src}: file not found (pass --data-dir)")
+    for _ in range(args.rounds):
+        for repo in args.repos:
+            code = RUN.format(repo=str(repo.resolve()), src=str(src), translator=str(ROOT / "checkpoints" / "en-fr"),
+                              charlm=str(ROOT / "checkpoints" / "shakespeare"))
+            result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+            if result.returncode:
+                sys.exit(f"decode_side_by_side: {repo}: {result.stderr.strip().splitlines()[-1]}")
+            print(json.dumps(json.loads(result.stdout.strip().splitlines()[-1])), flush=True)
+
+
+if __name__ == "__main__":
+    main()
