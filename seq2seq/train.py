@@ -266,12 +266,12 @@ def learning_rate(cfg, step: int, total_steps: int | None, plateau_scale: float,
 
 
 def plan_total_steps(budget_s: float, elapsed_s: float, step: int, step_s: float, eval_s: float,
-                     steps_per_eval: int, ceiling: int) -> int:
+                     steps_per_eval: int, ceiling: int, margin: float = BUDGET_MARGIN) -> int:
     """The step count at which a run that has done `step` steps in `elapsed_s` seconds ends its
-    training and final evaluation when `budget_s` is spent: each further step costs `step_s`,
-    each evaluation (one every `steps_per_eval`, and a last one) `eval_s`. Never above `ceiling`,
-    never below `step`."""
-    left = budget_s * (1 - BUDGET_MARGIN) - elapsed_s - eval_s
+    training and final evaluation when `budget_s` (less its `margin` share) is spent: each further
+    step costs `step_s`, each evaluation (one every `steps_per_eval`, and a last one) `eval_s`.
+    Never above `ceiling`, never below `step`."""
+    left = budget_s * (1 - margin) - elapsed_s - eval_s
     more = left / (step_s + eval_s / max(steps_per_eval, 1))
     return int(min(ceiling, max(step, step + math.floor(more))))
 
@@ -503,7 +503,7 @@ class Trainer:
     def evaluate(self) -> bool:
         """Validate, keep the best model, save the resume state; True when patience has run out."""
         p, t = self.progress, self.t
-        eval_start = clock()
+        eval_start, trained_s = clock(), self.training_seconds()
         result = self.task.validate()
         validate_s = clock() - eval_start
         improved = result["score"] > p["best_score"]
@@ -522,7 +522,7 @@ class Trainer:
             p["bad_evals"] += 1
             if t.lr_schedule == "plateau":
                 p["plateau_scale"] = max(p["plateau_scale"] * 0.5, t.min_lr_ratio)
-        self.replan_if_late()
+        self.replan_if_late(trained_s)
         self.save_resume_state()
         # what the plan counts per evaluation, saves included (rank 0's, so every rank plans alike)
         self.last_eval_s = self.cluster.from_main(clock() - eval_start)
@@ -566,20 +566,23 @@ class Trainer:
                  p["total_steps"], record["epochs"], self.budget_s / 60, step_s, self.last_eval_s)
         self.save_resume_state()
 
-    def replan_if_late(self) -> None:
+    def replan_if_late(self, trained_s: float) -> None:
         """At each evaluation of a budget run, shorten the plan when the steps since the last one
         were slower than it allows (another process, a throttled CPU): the run then still ends
         annealed, where the clock would have cut it short. Never longer, so a plan stands on a
-        steady machine and a resumed run follows it exactly."""
+        steady machine and a resumed run follows it exactly. `trained_s`: training seconds as
+        the evaluation began."""
         p = self.progress
-        mark, self.speed_mark = self.speed_mark, (p["step"], self.training_seconds())
+        mark, self.speed_mark = self.speed_mark, (p["step"], trained_s)
         if self.budget_s is None or p["total_steps"] is None or mark is None or p["step"] <= mark[0]:
             return
-        step_s = (self.speed_mark[1] - mark[1]) / (p["step"] - mark[0])
-        total = self.cluster.from_main(plan_total_steps(self.budget_s, self.elapsed(), p["step"], step_s,
-                                                        self.last_eval_s or 0.0, self.t.eval_every or len(self.batches),
-                                                        self.ceiling))
-        if total < p["total_steps"]:
+        step_s = (trained_s - mark[1]) / (p["step"] - mark[0])
+        args = (self.budget_s, self.elapsed(), p["step"], step_s, self.last_eval_s or 0.0,
+                self.t.eval_every or len(self.batches), self.ceiling)
+        # the margin absorbs small slowdowns; only a plan that would overrun the whole budget changes
+        late = self.cluster.from_main(plan_total_steps(*args, margin=0.0) < p["total_steps"])
+        total = self.cluster.from_main(plan_total_steps(*args))
+        if late and total < p["total_steps"]:
             self.write_log({"type": "replan", "step": p["step"], "total_steps": total, "was": p["total_steps"],
                             "step_s": round(step_s, 4)})
             log.info("replan: %d steps instead of %d, at %.3f s a step since the last evaluation", total,

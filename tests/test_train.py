@@ -166,6 +166,14 @@ def test_budget_run_that_slows_down_replans_and_still_ends_annealed(tmp_path, mo
     assert json.loads(state["progress"])["total_steps"] == 90  # what a resume follows
 
 
+def test_budget_run_slowed_within_the_margin_keeps_its_plan(tmp_path, monkeypatch):
+    clock = FakeClock(0.5, slow=lambda step: 0.51 if step > 40 else None)  # 2% slower: the 3% margin absorbs it
+    _, log = budget_run(tmp_path, monkeypatch, clock, 1.0, "train.max_epochs=100000")
+    (plan,) = [r for r in log if r["type"] == "plan"]
+    assert not [r for r in log if r["type"] == "replan"]
+    assert clock.steps == plan["total_steps"] and clock.now <= 60
+
+
 def test_budget_run_resumed_after_its_plan_continues_exactly(tmp_path, monkeypatch):
     straight_clock = FakeClock(0.5)
     budget_run(tmp_path / "straight", monkeypatch, straight_clock, 1.0, "train.max_epochs=100000")
