@@ -580,9 +580,9 @@ class Trainer:
         args = (self.budget_s, self.elapsed(), p["step"], step_s, self.last_eval_s or 0.0,
                 self.t.eval_every or len(self.batches), self.ceiling)
         # the margin absorbs small slowdowns; only a plan that would overrun the whole budget changes
-        late = self.cluster.from_main(plan_total_steps(*args, margin=0.0) < p["total_steps"])
-        total = self.cluster.from_main(plan_total_steps(*args))
-        if late and total < p["total_steps"]:
+        fits = plan_total_steps(*args, margin=0.0) >= p["total_steps"]
+        total = self.cluster.from_main(p["total_steps"] if fits else plan_total_steps(*args))
+        if total < p["total_steps"]:
             self.write_log({"type": "replan", "step": p["step"], "total_steps": total, "was": p["total_steps"],
                             "step_s": round(step_s, 4)})
             log.info("replan: %d steps instead of %d, at %.3f s a step since the last evaluation", total,

@@ -7,6 +7,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from seq2seq.device import of as device_of
 from seq2seq.errors import UserError
 
 CELLS = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}
@@ -89,18 +90,13 @@ class PackedLinear:
         return torch.ops.mkldnn._linear_pointwise(x.to(self.dtype), self.weight, self.bias, "none", [], "")
 
 
-def can_pack(model: nn.Module) -> bool:
-    param = next(model.parameters())
-    return param.device.type == "cpu" and torch.backends.mkldnn.is_available()
-
-
 @contextmanager
 def packed_for_decoding(model: nn.Module, dtype: torch.dtype):
     """Within the block, the model's linear layers and its one-way LSTMs' step kernel use weights
     packed once (see PackedLinear); weights must not change inside it. Elsewhere (not a CPU, no
     oneDNN) nothing changes."""
     patched: list[tuple[nn.Module, str]] = []
-    if can_pack(model):
+    if device_of(model).type == "cpu" and torch.backends.mkldnn.is_available():
         for module in model.modules():
             if isinstance(module, nn.Linear):
                 module.forward = PackedLinear(module.weight, module.bias, dtype)
