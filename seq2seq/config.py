@@ -88,7 +88,7 @@ class TrainConfig:
     lr_schedule: str = "cosine"  # cosine (over max_epochs) | plateau (halve on no dev gain) | constant
     warmup_steps: int = 200
     min_lr_ratio: float = 0.05
-    weight_decay: float = 0.0
+    weight_decay: float = 0.0  # decoupled (AdamW): each step shrinks weights by lr * weight_decay
     clip_norm: float = 1.0
     label_smoothing: float = 0.1
     max_epochs: int = 20

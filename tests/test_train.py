@@ -215,3 +215,20 @@ def test_short_end_to_end_run_on_multi30k(tmp_path):
     assert scores["sentences"] == 100 and 0 <= scores["bleu"] <= 100 and scores["chrf"] > 5
     translated = run_cli("translate", "-m", out, "A man is riding a bicycle down the street.")
     assert translated.returncode == 0 and translated.stdout.count("\n") == 1
+
+
+def test_weight_decay_is_decoupled_from_the_gradient_moments(tmp_path):
+    """A weight with no gradient shrinks by lr * weight_decay a step (AdamW), not by a step of size
+    lr that Adam's moments make of an L2 gradient, whatever the weight's scale."""
+    from seq2seq.train import Trainer
+
+    cfg = load_preset("tiny-charlm", "charlm", ["train.weight_decay=0.1", "train.lr=0.01", "train.warmup_steps=0",
+                                                "train.lr_schedule=constant"])
+    trainer = Trainer(cfg, SAMPLE_DIR, tmp_path / "run", None, False, "cpu")
+    weight = trainer.model.embed.weight
+    before = weight.detach().clone()
+    for p in trainer.model.parameters():
+        p.grad = torch.zeros_like(p)
+    trainer.optimizer.step()
+    torch.testing.assert_close(weight.detach(), before * (1 - 0.01 * 0.1))
+    trainer.metrics_log.close()
