@@ -57,6 +57,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--time-budget", type=float, metavar="MINUTES", help="stop cleanly after this much wall clock")
     p.add_argument("--output", type=Path, help="model folder (default checkpoints/PRESET)")
     p.add_argument("--resume", action="store_true", help="continue the run saved in --output")
+    p.add_argument("--init-from", type=Path, metavar="MODEL",
+                   help="start from this model folder's weights and tokenizer (fine-tuning; its model.* settings "
+                        "replace the preset's), with a fresh optimizer and schedule")
     add_device_arg(p)
     p.add_argument("--skip-bad-lines", action="store_true",
                    help="translator: skip TSV lines that are not source<TAB>target (counted in the log) instead of stopping")
@@ -159,11 +162,28 @@ def cmd_train(args) -> None:
         cfg = load_preset(args.preset, args.kind, overrides)
     if cfg.kind != args.kind:
         raise UserError(f"{args.output} holds a {cfg.kind} model, not a {args.kind}")
+    if args.init_from:
+        cfg.model = init_model_settings(args, cfg.kind)
     output = args.output or Path("checkpoints") / cfg.preset
     data_dir = args.data_dir or (None if args.resume else default_data_dir())
-    best = train(cfg, data_dir, output, time_budget=args.time_budget, resume=args.resume, device=args.device)
+    best = train(cfg, data_dir, output, time_budget=args.time_budget, resume=args.resume, device=args.device,
+                 init_from=args.init_from)
     if os.environ.get("RANK", "0") == "0":  # under torchrun, one answer for the run
         print(json.dumps({"output": str(output), "best": best}))
+
+
+def init_model_settings(args, kind: str):
+    """The model settings of the --init-from folder, which the new run must build to load its weights."""
+    if args.resume:
+        raise UserError("--init-from starts a new run from a model; --resume continues a run: give one of them")
+    if not (args.init_from / "config.json").is_file():
+        raise UserError(f"--init-from {args.init_from}: not a model folder (no config.json)")
+    if any(item.strip().startswith("model.") for item in args.set):
+        raise UserError("--init-from builds the model of that folder: drop the --set model.* overrides")
+    init = Config.load(args.init_from / "config.json")
+    if init.kind != kind:
+        raise UserError(f"--init-from {args.init_from} holds a {init.kind} model, not a {kind}")
+    return init.model
 
 
 def read_inputs(args) -> list[str]:

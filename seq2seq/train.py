@@ -277,19 +277,20 @@ def plan_total_steps(budget_s: float, elapsed_s: float, step: int, step_s: float
 
 
 def train(cfg: Config, data_dir: Path | None, output: Path, time_budget: float | None = None,
-          resume: bool = False, device: str = "auto") -> dict:
+          resume: bool = False, device: str = "auto", init_from: Path | None = None) -> dict:
     """Train into `output`; returns the best evaluation. `time_budget` is in minutes of wall clock:
     the run plans its step count (and so its learning-rate schedule) to end when it is spent.
     On resume, `data_dir` None means the folder the run was started with. `device`: auto (CUDA
-    where present), cpu or cuda."""
-    return Trainer(cfg, data_dir, Path(output), time_budget, resume, device).run()
+    where present), cpu or cuda. `init_from`: a model folder whose weights and tokenizer the run
+    starts from (fine-tuning; `cfg.model` must be that folder's)."""
+    return Trainer(cfg, data_dir, Path(output), time_budget, resume, device, init_from).run()
 
 
 class Trainer:
     """One run: set-up (or resume), then steps, evaluations, the budget plan and saves."""
 
     def __init__(self, cfg: Config, data_dir: Path | None, output: Path, time_budget: float | None, resume: bool,
-                 device: str = "auto"):
+                 device: str = "auto", init_from: Path | None = None):
         self.started = clock()
         self.cluster = Cluster.from_env(resolve_device(device))
         self.device, main = self.cluster.device, self.cluster.main
@@ -313,6 +314,8 @@ class Trainer:
             tokenizer = kind_tokenizer.load(output)
             state = checkpoint.load_state(output / checkpoint.STATE)
             data_dir = data_dir or Path(json.loads(state["progress"])["data_dir"])
+        elif init_from is not None and main:
+            tokenizer = kind_tokenizer.load(init_from)
         if not main:  # rank 0 first: it builds the token cache and the tokenizer, which the others read
             self.cluster.barrier()
             tokenizer = tokenizer or kind_tokenizer.load(output)
@@ -325,6 +328,9 @@ class Trainer:
         self.task.to(self.device)
         self.task.shard(self.cluster.rank, self.cluster.world)
         self.model = self.task.model
+        if init_from is not None and not resume:  # before the optimizer and the first saved state
+            checkpoint.load_weights(self.model, init_from / checkpoint.BEST)
+            log.info("weights and tokenizer from %s", init_from)
         self.task.forward = self.cluster.wrap(self.model)
         if self.cluster.active:  # each rank its own dropout masks (the weights came from one seed)
             torch.manual_seed(self.t.seed + 1000 * self.cluster.rank)

@@ -2,6 +2,7 @@
 import json
 
 import pytest
+import torch
 
 from conftest import SAMPLE_DIR, run_cli, train_tiny, write_tsv_preset
 
@@ -175,3 +176,30 @@ def test_resume_keeps_data_dir_and_new_train_settings(tmp_path):
     assert_one_line_error(run_cli("train", "charlm", "--resume", "--output", out, "--set", "model.hidden=8"),
                           "train.* settings only")
     assert_one_line_error(run_cli("generate", "-m", out, "--beam", "3", "--num-samples", "2"), "--num-samples")
+
+
+def test_fine_tuning_starts_from_a_models_weights_and_tokenizer(tiny_model, tmp_path):
+    from seq2seq import checkpoint
+    from seq2seq.config import load_preset
+    from seq2seq.train import Trainer
+
+    # a preset asking for other sizes still builds the folder's model, from its weights
+    cfg = load_preset("tiny-en-fr", "translator", ["model.dec_hidden=8"])
+    cfg.model = checkpoint.load(tiny_model)[0].model
+    trainer = Trainer(cfg, SAMPLE_DIR, tmp_path / "tuned", None, False, "cpu", init_from=tiny_model)
+    trainer.metrics_log.close()
+    saved = checkpoint.load(tiny_model)[1].state_dict()
+    for name, tensor in trainer.model.state_dict().items():
+        assert torch.equal(tensor, saved[name]), name
+    assert (tmp_path / "tuned" / "spm.model").read_bytes() == (tiny_model / "spm.model").read_bytes()
+
+    common = ("train", "translator", "--preset", "tiny-en-fr", "--data-dir", SAMPLE_DIR)
+    result = run_cli(*common, "--output", tmp_path / "cli", "--init-from", tiny_model, "--set", "train.max_epochs=1")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["best"]["dev_bleu"] > 50  # a model trained from scratch for one epoch: ~0
+    assert_one_line_error(run_cli(*common, "--output", tmp_path / "x", "--init-from", tiny_model,
+                                  "--set", "model.dropout=0.1"), "--init-from", "drop the --set model.*")
+    assert_one_line_error(run_cli("train", "charlm", "--preset", "tiny-charlm", "--data-dir", SAMPLE_DIR, "--output",
+                                  tmp_path / "y", "--init-from", tiny_model), "holds a translator model, not a charlm")
+    assert_one_line_error(run_cli(*common, "--output", tmp_path / "z", "--init-from", tmp_path / "nowhere"),
+                          "not a model folder")
