@@ -376,6 +376,8 @@ class Trainer:
                 self._truncate_log(self.progress["step"])
             self.metrics_log = open(output / "metrics.jsonl", "a", encoding="utf-8")
         if not resume:
+            if init_from is not None:  # the log says where the weights came from
+                self.write_log({"type": "init", "step": 0, "from": str(Path(init_from).resolve())})
             self.save_resume_state()
 
     def _load_resume_state(self, state: dict, data_dir: Path) -> None:

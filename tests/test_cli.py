@@ -197,6 +197,8 @@ def test_fine_tuning_starts_from_a_models_weights_and_tokenizer(tiny_model, tmp_
     result = run_cli(*common, "--output", tmp_path / "cli", "--init-from", tiny_model, "--set", "train.max_epochs=1")
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["best"]["dev_bleu"] > 50  # a model trained from scratch for one epoch: ~0
+    first = json.loads((tmp_path / "cli" / "metrics.jsonl").read_text(encoding="utf-8").splitlines()[0])
+    assert first == {"type": "init", "step": 0, "from": str(tiny_model.resolve())}
     assert_one_line_error(run_cli(*common, "--output", tmp_path / "x", "--init-from", tiny_model,
                                   "--set", "model.dropout=0.1"), "--init-from", "drop the --set model.*")
     assert_one_line_error(run_cli("train", "charlm", "--preset", "tiny-charlm", "--data-dir", SAMPLE_DIR, "--output",
