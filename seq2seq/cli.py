@@ -200,7 +200,8 @@ def read_inputs(args) -> list[str]:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
         line = data.count(b"\n", 0, e.start) + 1
-        raise UserError(f"<stdin>:{line}: invalid UTF-8") from None
+        column = e.start - data.rfind(b"\n", 0, e.start)
+        raise UserError(f"<stdin>:{line}: invalid UTF-8 (byte 0x{data[e.start]:02x} at column {column})") from None
     if not text:
         return []
     return [line.removesuffix("\r") for line in text.split("\n")[: -1 if text.endswith("\n") else None]]

@@ -43,7 +43,7 @@ def _log_probs(logits: torch.Tensor) -> torch.Tensor:
 
 
 def _block_size(vocab: int) -> int:
-    """The largest divisor of the vocabulary up to 128 (8000 -> 100), or 0 when the vocabulary is
+    """The largest divisor of the vocabulary up to 128 (8000 -> 125), or 0 when the vocabulary is
     too small or has no divisor there, and the plain reductions do."""
     if vocab < 1024:
         return 0

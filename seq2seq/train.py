@@ -298,29 +298,56 @@ class Trainer:
             log.setLevel(logging.WARNING)  # one rank speaks for the run
         self.cfg, self.t, self.output = cfg, cfg.train, output
         self.budget_s = time_budget * 60 if time_budget else None
-        if resume and not (output / checkpoint.STATE).is_file():
-            raise UserError(f"{output}: nothing to resume ({checkpoint.STATE} not found)")
-        if main and not resume and (output / "config.json").exists():
-            raise UserError(f"{output} already holds a model: pass --resume to continue it, or choose another --output")
-        if main:
-            check_output_folder(output)
+        self._check_output(resume)
         torch.set_num_threads(self.t.threads or max(1, (os.cpu_count() or 1) // self.cluster.world))
         torch.manual_seed(self.t.seed)
         learning_rate(self.t, 0, None, 1.0)  # a bad schedule name fails now, before anything is written
+        state = checkpoint.load_state(output / checkpoint.STATE) if resume else None
+        if resume:
+            data_dir = data_dir or Path(json.loads(state["progress"])["data_dir"])
+        data_dir = Path(data_dir)
+        self._build_task(data_dir, resume, init_from)
+        self._build_optimizer()
+        self.progress = {"step": 0, "epoch": 0, "batch": 0, "best_score": -math.inf, "best": None, "bad_evals": 0,
+                         "plateau_scale": 1.0, "total_steps": None, "anneal_start": None,
+                         "skipped_steps": 0, "nonfinite_in_row": 0, "window_tokens": 0, "window_loss": 0.0, "window_s": 0.0,
+                         "data_dir": str(data_dir.resolve())}
+        if resume:
+            self._load_resume_state(state, data_dir)
+        if main:
+            cfg.save(output / "config.json")  # on resume too: --set train.* overrides are kept
+        self.batches, self.batches_epoch = self.task.batches(self.progress["epoch"]), self.progress["epoch"]
+        # Without a budget the schedule runs to the ceiling (a resume may raise it); a budget run
+        # records its planned total in the progress, so that a resume follows the same schedule.
+        self.ceiling = self.t.max_steps or self.t.max_epochs * len(self.batches)
+        self._start_counters()
+        self._open_log(resume, init_from)
 
-        tokenizer, state = None, None
-        kind_tokenizer = SubwordTokenizer if cfg.kind == "translator" else CharVocab
+    def _check_output(self, resume: bool) -> None:
+        """Refuse a folder that cannot take this run, before anything is written."""
+        output = self.output
+        if resume and not (output / checkpoint.STATE).is_file():
+            raise UserError(f"{output}: nothing to resume ({checkpoint.STATE} not found)")
+        if self.cluster.main and not resume and (output / "config.json").exists():
+            raise UserError(f"{output} already holds a model: pass --resume to continue it, or choose another --output")
+        if self.cluster.main:
+            check_output_folder(output)
+
+    def _build_task(self, data_dir: Path, resume: bool, init_from: Path | None) -> None:
+        """The task with its data, tokenizer and model on the device: the tokenizer is the run's
+        own on resume, `init_from`'s when fine-tuning, else built from the data (by rank 0 only,
+        the others wait and read it)."""
+        main, output = self.cluster.main, self.output
+        kind_tokenizer = SubwordTokenizer if self.cfg.kind == "translator" else CharVocab
+        tokenizer = None
         if resume:
             tokenizer = kind_tokenizer.load(output)
-            state = checkpoint.load_state(output / checkpoint.STATE)
-            data_dir = data_dir or Path(json.loads(state["progress"])["data_dir"])
         elif init_from is not None and main:
             tokenizer = kind_tokenizer.load(init_from)
         if not main:  # rank 0 first: it builds the token cache and the tokenizer, which the others read
             self.cluster.barrier()
             tokenizer = tokenizer or kind_tokenizer.load(output)
-        data_dir = Path(data_dir)
-        self.task = TASKS[cfg.kind](cfg, data_dir, tokenizer)
+        self.task = TASKS[self.cfg.kind](self.cfg, data_dir, tokenizer)
         if main:
             if not resume:
                 self.task.tokenizer.save(output)
@@ -335,30 +362,24 @@ class Trainer:
         if self.cluster.active:  # each rank its own dropout masks (the weights came from one seed)
             torch.manual_seed(self.t.seed + 1000 * self.cluster.rank)
         self.n_params = sum(p.numel() for p in self.model.parameters())
-        log.info("model: %s, %.2fM parameters", cfg.kind, self.n_params / 1e6)
+        log.info("model: %s, %.2fM parameters", self.cfg.kind, self.n_params / 1e6)
+
+    def _build_optimizer(self) -> None:
+        output = self.output
         # best and latest weights, Adam's two moments, and a temporary copy of the largest while it
         # is written; a resumed run replaces its own files, so those already there count as room
         present = sum((output / name).stat().st_size for name in (checkpoint.BEST, checkpoint.LAST, checkpoint.STATE)
                       if (output / name).is_file())
-        if main:
+        if self.cluster.main:
             check_free_space(output, self.n_params * 4 * 6 + 2**20 - present)
         # fused: one kernel for all parameters instead of a dozen ops per tensor. AdamW: weight
         # decay shrinks the weights apart from the gradient's moments; Adam's L2 term, normalised
         # by them, stopped a char LM from learning at all at weight_decay 0.1 (3.36 nats/char)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=self.t.lr, betas=(0.9, 0.98),
                                            weight_decay=self.t.weight_decay, fused=True)
-        self.progress = {"step": 0, "epoch": 0, "batch": 0, "best_score": -math.inf, "best": None, "bad_evals": 0,
-                         "plateau_scale": 1.0, "total_steps": None, "anneal_start": None,
-                         "skipped_steps": 0, "nonfinite_in_row": 0, "window_tokens": 0, "window_loss": 0.0, "window_s": 0.0,
-                         "data_dir": str(data_dir.resolve())}
-        if resume:
-            self._load_resume_state(state, data_dir)
-        if main:
-            cfg.save(output / "config.json")  # on resume too: --set train.* overrides are kept
-        self.batches, self.batches_epoch = self.task.batches(self.progress["epoch"]), self.progress["epoch"]
-        # Without a budget the schedule runs to the ceiling (a resume may raise it); a budget run
-        # records its planned total in the progress, so that a resume follows the same schedule.
-        self.ceiling = self.t.max_steps or self.t.max_epochs * len(self.batches)
+
+    def _start_counters(self) -> None:
+        """The clocks, marks and flags of this process's part of the run (none survive a resume)."""
         self.eval_seconds = 0.0  # wall clock spent evaluating and saving since the run (or resume) started
         self.window_started = self.training_seconds() - self.progress["window_s"]  # the log window's start
         self.measure_from: tuple[int, float] | None = None  # (step, training seconds): the plan's speed from here
@@ -370,11 +391,14 @@ class Trainer:
         self.stop: str | None = None
         self.since_eval = 0
         self.elapsed_s = 0.0  # wall clock since the start, rank 0's: what budget decisions read
+
+    def _open_log(self, resume: bool, init_from: Path | None) -> None:
+        """metrics.jsonl, cut back to the saved state on resume; a new run also saves its first state."""
         self.metrics_log = None
-        if main:
+        if self.cluster.main:
             if resume:
                 self._truncate_log(self.progress["step"])
-            self.metrics_log = open(output / "metrics.jsonl", "a", encoding="utf-8")
+            self.metrics_log = open(self.output / "metrics.jsonl", "a", encoding="utf-8")
         if not resume:
             if init_from is not None:  # the log says where the weights came from
                 self.write_log({"type": "init", "step": 0, "from": str(Path(init_from).resolve())})
@@ -548,7 +572,8 @@ class Trainer:
         return clock() - self.started - self.eval_seconds
 
     def plan_share(self) -> float:
-        """How far the run is: its share of the budget, or of max_epochs where it gets there first."""
+        """How far the run is: its share of the budget, or of its step ceiling (max_steps, else
+        max_epochs) where it gets there first."""
         return max(self.elapsed() / self.budget_s, self.progress["step"] / self.ceiling)
 
     def plan_due(self) -> bool:

@@ -83,9 +83,9 @@ def test_invalid_utf8_on_stdin(tiny_model):
     import sys
 
     result = subprocess.run([sys.executable, "-m", "seq2seq.cli", "translate", "-m", str(tiny_model)],
-                            input=b"fine\n\xff\n", capture_output=True)
+                            input=b"fine\nab\xffc\n", capture_output=True)
     assert result.returncode == 2
-    assert result.stderr.decode().strip() == "seq2seq: error: <stdin>:2: invalid UTF-8"
+    assert result.stderr.decode().strip() == "seq2seq: error: <stdin>:2: invalid UTF-8 (byte 0xff at column 3)"
 
 
 def test_empty_and_overlong_pairs_are_dropped_and_counted(tmp_path):
