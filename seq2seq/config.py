@@ -85,7 +85,9 @@ class CharLMModel:
 class TrainConfig:
     seed: int = 1
     lr: float = 2e-3
-    lr_schedule: str = "cosine"  # cosine (to max_steps, else max_epochs; a budget run: to its planned step) | plateau (halve on no dev gain) | constant
+    # cosine (to max_steps, else max_epochs; a budget run: to its planned step) | plateau (halve on
+    # no dev gain) | constant
+    lr_schedule: str = "cosine"
     warmup_steps: int = 200
     min_lr_ratio: float = 0.05
     weight_decay: float = 0.0  # decoupled (AdamW): each step shrinks weights by lr * weight_decay

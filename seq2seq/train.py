@@ -302,8 +302,9 @@ class Trainer:
         torch.set_num_threads(self.t.threads or max(1, (os.cpu_count() or 1) // self.cluster.world))
         torch.manual_seed(self.t.seed)
         learning_rate(self.t, 0, None, 1.0)  # a bad schedule name fails now, before anything is written
-        state = checkpoint.load_state(output / checkpoint.STATE) if resume else None
+        state = None
         if resume:
+            state = checkpoint.load_state(output / checkpoint.STATE)
             data_dir = data_dir or Path(json.loads(state["progress"])["data_dir"])
         data_dir = Path(data_dir)
         self._build_task(data_dir, resume, init_from)
@@ -365,6 +366,7 @@ class Trainer:
         log.info("model: %s, %.2fM parameters", self.cfg.kind, self.n_params / 1e6)
 
     def _build_optimizer(self) -> None:
+        """AdamW over the model, once the disk is known to hold the run's files."""
         output = self.output
         # best and latest weights, Adam's two moments, and a temporary copy of the largest while it
         # is written; a resumed run replaces its own files, so those already there count as room

@@ -184,11 +184,12 @@ def test_fine_tuning_starts_from_a_models_weights_and_tokenizer(tiny_model, tmp_
     from seq2seq.train import Trainer
 
     # a preset asking for other sizes still builds the folder's model, from its weights
+    init_cfg, init_model, _ = checkpoint.load(tiny_model)
     cfg = load_preset("tiny-en-fr", "translator", ["model.dec_hidden=8"])
-    cfg.model = checkpoint.load(tiny_model)[0].model
+    cfg.model = init_cfg.model
     trainer = Trainer(cfg, SAMPLE_DIR, tmp_path / "tuned", None, False, "cpu", init_from=tiny_model)
     trainer.metrics_log.close()
-    saved = checkpoint.load(tiny_model)[1].state_dict()
+    saved = init_model.state_dict()
     for name, tensor in trainer.model.state_dict().items():
         assert torch.equal(tensor, saved[name]), name
     assert (tmp_path / "tuned" / "spm.model").read_bytes() == (tiny_model / "spm.model").read_bytes()
