@@ -5,8 +5,9 @@
   python scripts/decode_side_by_side.py . /tmp/base [--rounds 2]
 
 Each checkout's own `seq2seq` package (its search, models and inference code) decodes the same
-sentences with this checkout's released models: Multi30k test_2016_flickr.en greedy and beam 5
-in bf16, and 500 characters from "ROMEO:" in 1 and 32 streams (bf16 where the checkout's
+sentences with this checkout's released models (or those in `--models DIR`, say copies whose
+configs keep only the keys an older checkout knows): Multi30k test_2016_flickr.en greedy and
+beam 5 in bf16, and 500 characters from "ROMEO:" in 1 and 32 streams (bf16 where the checkout's
 `generate` takes `bf16`, else its fp32). Each checkout runs in a fresh process, in turn, round
 after round, so that the machine's drift falls on all of them alike. One JSON line per run.
 """
@@ -57,14 +58,17 @@ def main() -> None:
     p.add_argument("repos", nargs="+", type=Path, help="checkouts to compare (their repository roots)")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--data-dir", type=Path, default=ROOT.parent / "shared" / "data")
+    p.add_argument("--models", type=Path, default=ROOT / "checkpoints",
+                   help="folder with en-fr/ and shakespeare/ (an older checkout may need their configs "
+                        "cut to the keys it knows)")
     args = p.parse_args()
     src = args.data_dir / "multi30k-en-fr" / "test_2016_flickr.en"
     if not src.is_file():
         sys.exit(f"decode_side_by_side: {src}: file not found (pass --data-dir)")
     for _ in range(args.rounds):
         for repo in args.repos:
-            code = RUN.format(repo=str(repo.resolve()), src=str(src), translator=str(ROOT / "checkpoints" / "en-fr"),
-                              charlm=str(ROOT / "checkpoints" / "shakespeare"))
+            code = RUN.format(repo=str(repo.resolve()), src=str(src), translator=str(args.models / "en-fr"),
+                              charlm=str(args.models / "shakespeare"))
             result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
             if result.returncode:
                 sys.exit(f"decode_side_by_side: {repo}: {result.stderr.strip().splitlines()[-1]}")

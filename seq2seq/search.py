@@ -119,7 +119,12 @@ def _decode(model, state, first_tokens: torch.Tensor, max_lens, eos: int | None,
             state = model.reorder_state(state, keep, keep)
             n_finished, first_limit = 0, int(row_max.min())
 
-    # assemble: every step's tokens, then each row cut after its first EOS or at its max length
+    return _hypotheses(record, batch, steps, max_lens, eos)
+
+
+def _hypotheses(record, batch: int, steps: int, max_lens: torch.Tensor, eos: int | None) -> list[Hypothesis]:
+    """`_decode`'s recorded steps put together: every step's tokens, then each row cut after its
+    first EOS or at its max length."""
     seqs = torch.full((batch, max(steps, 1)), -1, dtype=torch.long)
     log_probs = torch.zeros(batch, max(steps, 1), dtype=torch.float64)
     t = 0
@@ -167,6 +172,17 @@ def sample(model, state, first_tokens, max_lens, eos: int | None = None, tempera
     return _decode(model, state, first_tokens, max_lens, eos, choose, on_step)
 
 
+def _best_continuations(log_probs: torch.Tensor, scores: torch.Tensor, width: int):
+    """The best `width` continuations of each sentence's beams, from the beams' log-probabilities
+    (sentences * K, V) and scores (sentences, K): their scores, the beam each extends and its
+    token, each (sentences, width). The best of a sentence are among the best `width` of each
+    beam, so each row is cut to its own top `width` before the sentence-wide choice."""
+    n = scores.size(0)
+    row_log_probs, row_tokens = _topk(log_probs, min(width, log_probs.size(-1)))
+    top_scores, top_ids = (scores.view(-1, 1) + row_log_probs).view(n, -1).topk(width, dim=1)
+    return top_scores, top_ids // row_tokens.size(1), row_tokens.view(n, -1).gather(1, top_ids)
+
+
 @torch.no_grad()
 def beam_search(model, state, first_tokens, max_lens, beam_size: int, eos: int | None = None,
                 length_penalty: float = 1.0, nbest: int = 1) -> list[list[Hypothesis]]:
@@ -176,8 +192,7 @@ def beam_search(model, state, first_tokens, max_lens, beam_size: int, eos: int |
     the top K are set aside as finished (fairseq's rule), the best K others go on. A sentence is
     done when K hypotheses have finished or it reaches its max length (then its top K are
     finished as they are). Scores are log-probabilities divided by length ** length_penalty,
-    the length counting the EOS. The best 2K of a sentence are among the best 2K of each beam,
-    so each row's candidates are cut to its own top 2K before the sentence-wide choice.
+    the length counting the EOS.
     """
     if nbest > beam_size:
         raise ValueError(f"nbest ({nbest}) cannot exceed the beam size ({beam_size})")
@@ -196,14 +211,8 @@ def beam_search(model, state, first_tokens, max_lens, beam_size: int, eos: int |
     while active.numel():
         length += 1
         logits, state = model.step(tokens, state)
-        n, vocab = active.numel(), logits.size(-1)
-        width = min(2 * k, k * vocab)
-        row_log_probs, row_tokens = _topk(_log_probs(logits), min(width, vocab))  # (n*k, w)
-        candidates = (scores.view(-1, 1) + row_log_probs).view(n, -1)
-        top_scores, top_ids = candidates.topk(width, dim=1)
-        per_row = row_tokens.size(1)
-        origin = top_ids // per_row
-        top_tokens = row_tokens.view(n, -1).gather(1, top_ids)
+        n, width = active.numel(), min(2 * k, k * logits.size(-1))
+        top_scores, origin, top_tokens = _best_continuations(_log_probs(logits), scores, width)
         is_eos = top_tokens == eos if eos is not None else torch.zeros_like(top_tokens, dtype=torch.bool)
         last_step = length >= max_lens[active]
         in_top_k = torch.arange(width, device=device) < k

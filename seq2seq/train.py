@@ -310,7 +310,7 @@ class Trainer:
         self._build_task(data_dir, resume, init_from)
         self._build_optimizer()
         self.progress = {"step": 0, "epoch": 0, "batch": 0, "best_score": -math.inf, "best": None, "bad_evals": 0,
-                         "plateau_scale": 1.0, "total_steps": None, "anneal_start": None,
+                         "plateau_scale": 1.0, "total_steps": None, "first_plan": None, "anneal_start": None,
                          "skipped_steps": 0, "nonfinite_in_row": 0, "window_tokens": 0, "window_loss": 0.0, "window_s": 0.0,
                          "data_dir": str(data_dir.resolve())}
         if resume:
@@ -558,7 +558,7 @@ class Trainer:
             p["bad_evals"] += 1
             if t.lr_schedule == "plateau":
                 p["plateau_scale"] = max(p["plateau_scale"] * 0.5, t.min_lr_ratio)
-        self.replan_if_late(trained_s)
+        self.replan(trained_s)
         self.save_resume_state()
         # what the plan counts per evaluation, saves included (rank 0's, so every rank plans alike)
         self.last_eval_s = self.cluster.from_main(clock() - eval_start)
@@ -593,7 +593,7 @@ class Trainer:
         steps_per_eval = self.t.eval_every or len(self.batches)
         p["total_steps"] = self.cluster.from_main(plan_total_steps(self.budget_s, self.elapsed(), p["step"], step_s,
                                                                    self.last_eval_s, steps_per_eval, self.ceiling))
-        p["anneal_start"] = p["step"]
+        p["anneal_start"], p["first_plan"] = p["step"], p["total_steps"]
         self.speed_mark = (p["step"], self.training_seconds())
         record = {"type": "plan", "step": p["step"], "total_steps": p["total_steps"],
                   "epochs": round(p["total_steps"] / max(len(self.batches), 1), 2), "step_s": round(step_s, 4),
@@ -603,23 +603,27 @@ class Trainer:
                  p["total_steps"], record["epochs"], self.budget_s / 60, step_s, self.last_eval_s)
         self.save_resume_state()
 
-    def replan_if_late(self, trained_s: float) -> None:
-        """At each evaluation of a budget run, shorten the plan when the steps since the last one
-        were slower than it allows (another process, a throttled CPU): the run then still ends
-        annealed, where the clock would have cut it short. Never longer, so a plan stands on a
-        steady machine and a resumed run follows it exactly. `trained_s`: training seconds as
-        the evaluation began."""
+    def replan(self, trained_s: float) -> None:
+        """At each evaluation of a budget run, fit the plan to the speed of the steps since the last
+        one when it has drifted: shorter when at that speed the run would overrun the whole budget
+        (another process, a throttled CPU), so it still ends annealed; longer again, up to its first
+        plan, when it would leave more than twice the margin unused (the slowdown has passed), so a
+        passing slowdown does not cost the rest of the run its steps. In between the plan stands: a
+        steady machine keeps it, and as no plan passes the first, a resumed run whose plan never
+        changed follows it exactly unless its new budget is too short. `trained_s`: training
+        seconds as the evaluation began."""
         p = self.progress
         mark, self.speed_mark = self.speed_mark, (p["step"], trained_s)
         if self.budget_s is None or p["total_steps"] is None or mark is None or p["step"] <= mark[0]:
             return
         step_s = (trained_s - mark[1]) / (p["step"] - mark[0])
+        first_plan = p["first_plan"] or p["total_steps"]  # a state saved before first_plan existed: never longer
         args = (self.budget_s, self.elapsed(), p["step"], step_s, self.last_eval_s or 0.0,
-                self.t.eval_every or len(self.batches), self.ceiling)
-        # the margin absorbs small slowdowns; only a plan that would overrun the whole budget changes
-        fits = plan_total_steps(*args, margin=0.0) >= p["total_steps"]
-        total = self.cluster.from_main(p["total_steps"] if fits else plan_total_steps(*args))
-        if total < p["total_steps"]:
+                self.t.eval_every or len(self.batches), min(self.ceiling, first_plan))
+        overruns = plan_total_steps(*args, margin=0.0) < p["total_steps"]
+        idles = p["total_steps"] < plan_total_steps(*args, margin=2 * BUDGET_MARGIN)
+        total = self.cluster.from_main(plan_total_steps(*args) if overruns or idles else p["total_steps"])
+        if total != p["total_steps"]:
             self.write_log({"type": "replan", "step": p["step"], "total_steps": total, "was": p["total_steps"],
                             "step_s": round(step_s, 4)})
             log.info("replan: %d steps instead of %d, at %.3f s a step since the last evaluation", total,

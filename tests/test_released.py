@@ -16,7 +16,7 @@ EVERYDAY = ROOT / "data" / "sample" / "everyday"
 # measured beam-5 BLEU on the everyday sample is in checkpoints/en-fr/README.md; the floor sits under it
 EVERYDAY_BLEU_FLOOR = 72.0  # measured 77.28 (beam 5, bf16 decoding)
 # held-out Tiny Shakespeare (last 10%), first 20,000 characters: measured in checkpoints/shakespeare/README.md
-SHAKESPEARE_NATS_CEILING = 1.36  # measured 1.311 on this slice (1.444 on the whole split)
+SHAKESPEARE_NATS_CEILING = 1.36  # measured 1.334 on this slice (1.4369 on the whole split)
 
 
 @pytest.mark.parametrize("folder", [TRANSLATOR, CHARLM])

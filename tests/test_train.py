@@ -63,8 +63,8 @@ def test_time_budget_run_plans_its_steps_and_keeps_the_best(tmp_path):
                  "train_state.pt", "metrics.jsonl"):
         assert (out / name).is_file(), name
     state = torch.load(out / "train_state.pt", weights_only=True)  # no pickle-executed code
-    replans = [r for r in log if r["type"] == "replan"]  # on a machine that slowed down, shorter
-    assert all(r["total_steps"] < plan[0]["total_steps"] for r in replans)
+    replans = [r for r in log if r["type"] == "replan"]  # on a machine that slowed down; never past the plan
+    assert all(r["total_steps"] <= plan[0]["total_steps"] for r in replans)
     assert json.loads(state["progress"])["total_steps"] == (replans or plan)[-1]["total_steps"]
     cfg, model, _ = checkpoint.load(out)
     assert cfg.kind == "translator" and not model.training
@@ -164,6 +164,28 @@ def test_budget_run_that_slows_down_replans_and_still_ends_annealed(tmp_path, mo
     assert steps[-1]["lr"] == pytest.approx(cfg.train.lr * cfg.train.min_lr_ratio, rel=1e-3)  # annealed, not cut
     state = torch.load(tmp_path / "train_state.pt", weights_only=True)
     assert json.loads(state["progress"])["total_steps"] == 90  # what a resume follows
+
+
+def test_budget_run_slowed_for_a_while_takes_its_steps_back(tmp_path, monkeypatch):
+    clock = FakeClock(0.5, slow=lambda step: 0.75 if 40 < step <= 60 else None)  # one slow window, then as before
+    cfg, log = budget_run(tmp_path, monkeypatch, clock, 1.0, "train.max_epochs=100000")
+    (plan,) = [r for r in log if r["type"] == "plan"]
+    shorter, longer = [r for r in log if r["type"] == "replan"]
+    assert (shorter["step"], shorter["total_steps"], shorter["was"]) == (60, 90, plan["total_steps"])
+    # at step 80, 45 s used and 0.5 s a step again: 90 steps would leave over twice the margin
+    # unused, so the plan fills what is left less the margin: 13.2 s, 26 more steps
+    assert (longer["step"], longer["total_steps"], longer["was"], longer["step_s"]) == (80, 106, 90, 0.5)
+    steps = [r for r in log if r["type"] == "train"]
+    assert steps[-1]["step"] == clock.steps == 106 and 60 * (1 - 2 * BUDGET_MARGIN) <= clock.now <= 60
+    assert steps[-1]["lr"] == pytest.approx(cfg.train.lr * cfg.train.min_lr_ratio, rel=1e-3)
+
+
+def test_budget_run_never_plans_past_its_first_plan(tmp_path, monkeypatch):
+    clock = FakeClock(0.5, slow=lambda step: 0.25 if step > 40 else None)  # twice as fast after the plan
+    _, log = budget_run(tmp_path, monkeypatch, clock, 1.0, "train.max_epochs=100000")
+    (plan,) = [r for r in log if r["type"] == "plan"]
+    assert not [r for r in log if r["type"] == "replan"]
+    assert clock.steps == plan["total_steps"] and clock.now < 60 * (1 - 2 * BUDGET_MARGIN)
 
 
 def test_budget_run_slowed_within_the_margin_keeps_its_plan(tmp_path, monkeypatch):
