@@ -36,6 +36,7 @@ from seq2seq import checkpoint, cpu, inference  # noqa: E402
 from seq2seq.config import default_data_dir, load_preset  # noqa: E402
 from seq2seq.device import resolve as resolve_device  # noqa: E402
 from seq2seq.metrics import bleu_chrf  # noqa: E402
+from seq2seq.models.rnn import Int8Linear, int8_available  # noqa: E402
 from seq2seq.train import Trainer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -92,17 +93,25 @@ def median_rate(fn, repeats: int) -> tuple[float, float]:
 
 
 def gemm_peak(quick: bool) -> dict:
+    """GFLOP/s of the best of a few square products, fp32 and bf16, and on a CPU with oneDNN's
+    quantized engine int8 (dynamic: `Int8Linear`, the product `--precision int8` decoding makes)."""
     size = 1024 if quick else 2048
-    peak = {}
+    products = {}
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         a, b = (torch.randn(size, size, dtype=dtype, device=DEVICE) for _ in range(2))
-        a @ b
+        products[name] = lambda a=a, b=b: a @ b
+    if DEVICE.type == "cpu" and int8_available():
+        a, b = torch.randn(size, size), torch.randn(size, size)
+        products["int8"] = lambda a=a, b=Int8Linear(b, None): b(a)
+    peak = {}
+    for name, product in products.items():
+        product()
         best = 0.0
         for _ in range(5):
             synchronize()
             start = time.perf_counter()
             for _ in range(4):
-                a @ b
+                product()
             synchronize()
             best = max(best, 4 * 2 * size**3 / (time.perf_counter() - start) / 1e9)
         peak[name] = round(best, 1)
@@ -147,6 +156,16 @@ def train_bench(kind: str, preset: str, data_dir: Path, steps: int, repeats: int
     return out
 
 
+def precisions() -> list[str]:
+    """The decoding modes to measure: int8 only on a CPU with oneDNN's quantized engine."""
+    return ["bf16", "fp32"] + (["int8"] if DEVICE.type == "cpu" and int8_available() else [])
+
+
+def decoding_args(precision: str) -> dict:
+    """int8: the linear layers in int8, the rest in bf16 (as `--precision int8` on a bf16 CPU)."""
+    return {"bf16": precision != "fp32", "int8": precision == "int8"}
+
+
 def decode_bench(model_dir: Path, src: Path, ref: Path | None, repeats: int, peak: dict | None, quick: bool) -> dict:
     cfg, model, tokenizer = checkpoint.load(model_dir, device=DEVICE.type)
     lines = src.read_text(encoding="utf-8").splitlines()
@@ -156,11 +175,11 @@ def decode_bench(model_dir: Path, src: Path, ref: Path | None, repeats: int, pea
     out = {"model": str(model_dir), "sentences": len(lines), "default_bf16": inference.decoding_bf16(None, DEVICE)}
     src_tokens = sum(len(ids) + 1 for ids in tokenizer.encode(lines))
     for beam in (1, 5):
-        for precision in ("bf16", "fp32"):
+        for precision in precisions():
             hyps = []
 
             def run():
-                hyps[:] = inference.translate(model, tokenizer, lines, beam=beam, bf16=precision == "bf16")
+                hyps[:] = inference.translate(model, tokenizer, lines, beam=beam, **decoding_args(precision))
                 return len(lines)
 
             rate, _ = median_rate(run, repeats)
@@ -179,10 +198,10 @@ def generate_bench(model_dir: Path, repeats: int, peak: dict | None, quick: bool
     chars = 200 if quick else 500
     out = {"model": str(model_dir), "chars": chars}
     for streams in (1, 32):
-        for precision in ("bf16", "fp32"):
+        for precision in precisions():
             def run():
                 texts = inference.generate(model, vocab, ["ROMEO:"] * streams, chars, temperature=0.8, seed=1,
-                                           bf16=precision == "bf16")
+                                           **decoding_args(precision))
                 return sum(map(len, texts))
 
             rate, _ = median_rate(run, repeats)

@@ -7,9 +7,10 @@
 Each checkout's own `seq2seq` package (its search, models and inference code) decodes the same
 sentences with this checkout's released models (or those in `--models DIR`, say copies whose
 configs keep only the keys an older checkout knows): Multi30k test_2016_flickr.en greedy and
-beam 5 in bf16, and 500 characters from "ROMEO:" in 1 and 32 streams (bf16 where the checkout's
-`generate` takes `bf16`, else its fp32). Each checkout runs in a fresh process, in turn, round
-after round, so that the machine's drift falls on all of them alike. One JSON line per run.
+beam 5 in bf16 (and int8 where the checkout offers it), and 500 characters from "ROMEO:" in 1 and
+32 streams (likewise; fp32 where the checkout's `generate` takes no `bf16`). Each checkout runs
+in a fresh process, in turn, round after round, so that the machine's drift falls on all of them
+alike. One JSON line per run.
 """
 from __future__ import annotations
 
@@ -38,17 +39,22 @@ def rate(fn, units, repeats=3):
         rates.append(units / (time.perf_counter() - start))
     return round(statistics.median(rates), 1)
 
+modes = [("bf16", {{"bf16": True}})]
+if "int8" in inspect.signature(inference.translate).parameters:
+    modes.append(("int8", {{"bf16": True, "int8": True}}))
 _, model, tokenizer = checkpoint.load({translator!r})[:3]
 for beam in (1, 5):
-    out[f"beam{{beam}}_bf16_sentences_per_s"] = rate(
-        lambda: inference.translate(model, tokenizer, lines, beam=beam, bf16=True), len(lines))
+    for mode, kwargs in modes:
+        out[f"beam{{beam}}_{{mode}}_sentences_per_s"] = rate(
+            lambda: inference.translate(model, tokenizer, lines, beam=beam, **kwargs), len(lines))
 _, model, vocab = checkpoint.load({charlm!r})[:3]
-bf16 = "bf16" in inspect.signature(inference.generate).parameters
+if "bf16" not in inspect.signature(inference.generate).parameters:
+    modes = [("fp32", {{}})]
 for streams in (1, 32):
-    kwargs = {{"bf16": True}} if bf16 else {{}}
-    out[f"{{streams}}_streams_{{'bf16' if bf16 else 'fp32'}}_chars_per_s"] = rate(
-        lambda: inference.generate(model, vocab, ["ROMEO:"] * streams, 500, temperature=0.8, seed=1, **kwargs),
-        streams * 500)
+    for mode, kwargs in modes:
+        out[f"{{streams}}_streams_{{mode}}_chars_per_s"] = rate(
+            lambda: inference.generate(model, vocab, ["ROMEO:"] * streams, 500, temperature=0.8, seed=1, **kwargs),
+            streams * 500)
 print(json.dumps(out))
 """
 

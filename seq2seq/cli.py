@@ -129,14 +129,21 @@ def add_device_arg(p: argparse.ArgumentParser) -> None:
 
 
 def add_precision_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
+    p.add_argument("--precision", choices=["auto", "bf16", "fp32", "int8"], default="auto",
                    help="decoding arithmetic; auto: bf16 where the device computes it natively (AVX-512 BF16 or "
-                        "AMX CPUs, Ampere and later GPUs), else fp32")
+                        "AMX CPUs, Ampere and later GPUs), else fp32; int8 (CPU): the linear layers in int8, "
+                        "the rest as auto")
     add_device_arg(p)
 
 
-def bf16_choice(args) -> bool | None:
-    return {"auto": None, "bf16": True, "fp32": False}[args.precision]
+def precision(args) -> dict:
+    """--precision as the decoding functions' bf16 and int8 arguments."""
+    if args.precision == "int8":
+        from seq2seq.device import resolve as resolve_device
+        from seq2seq.models.rnn import int8_available
+        if resolve_device(args.device).type != "cpu" or not int8_available():
+            raise UserError("--precision int8 needs a CPU with PyTorch's oneDNN quantized engine")
+    return {"bf16": {"bf16": True, "fp32": False}.get(args.precision), "int8": args.precision == "int8"}
 
 
 def cmd_train(args) -> None:
@@ -265,7 +272,7 @@ def cmd_translate(args) -> None:
         raise UserError("--attention-png draws the first sentence's attention, and there is none")
     results = translate(model, tokenizer, lines, beam=args.beam, nbest=args.nbest, batch_size=args.batch_size,
                         max_len_ratio=args.max_len_ratio, length_penalty=args.length_penalty,
-                        progress=len(lines) > 1000, bf16=bf16_choice(args))
+                        progress=len(lines) > 1000, **precision(args))
     out = []
     for number, hyps in enumerate(results):
         for text, score in hyps:
@@ -279,8 +286,8 @@ def draw_attention(model, tokenizer, lines: list[str], args) -> None:
     from seq2seq.inference import attention_map
     from seq2seq.plots import attention
 
-    weights, source, target = attention_map(model, tokenizer, lines[0], beam=args.beam, bf16=bf16_choice(args),
-                                            max_len_ratio=args.max_len_ratio, length_penalty=args.length_penalty)
+    weights, source, target = attention_map(model, tokenizer, lines[0], beam=args.beam, max_len_ratio=args.max_len_ratio,
+                                            length_penalty=args.length_penalty, **precision(args))
     attention(weights.numpy(), source, target, args.attention_png)
     print(f"seq2seq: attention of {lines[0][:40]!r} drawn in {args.attention_png}", file=sys.stderr)
 
@@ -319,7 +326,7 @@ def cmd_generate(args) -> None:
     texts = generate(model, vocab, [args.prompt] * args.num_samples, args.max_chars,
                      temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, beam=args.beam,
                      length_penalty=args.length_penalty, seed=args.seed, on_text=on_text if stream else None,
-                     bf16=bf16_choice(args))
+                     **precision(args))
     if stream:
         sys.stdout.write("\n")
         return
@@ -366,13 +373,14 @@ def evaluate_translator(args, model, tokenizer) -> dict:
     beam = args.beam or 5
     hyps = translate(model, tokenizer, [s for s, _ in pairs], beam=beam, batch_size=args.batch_size,
                      max_len_ratio=args.max_len_ratio, length_penalty=args.length_penalty, progress=True,
-                     bf16=bf16_choice(args))
+                     **precision(args))
     seconds = time.perf_counter() - started
     texts = [h[0][0] for h in hyps]
     if args.hyp_output:
         write_output(texts, args.hyp_output)
     result = bleu_chrf(texts, [r for _, r in pairs])
-    result.update(beam=beam, precision="bf16" if decoding_bf16(bf16_choice(args), model.embed.weight.device) else "fp32",
+    bf16 = decoding_bf16(precision(args)["bf16"], model.embed.weight.device)
+    result.update(beam=beam, precision="int8" if args.precision == "int8" else "bf16" if bf16 else "fp32",
                   sentences_per_s=round(len(texts) / max(seconds, 1e-9), 1))
     return result
 
@@ -397,7 +405,7 @@ def evaluate_charlm(args, model, vocab) -> dict:
     except ValueError as e:
         raise UserError(f"{args.text}: {e}") from None
     hyps = generate(model, vocab, [prompt for prompt, _ in passages], args.max_chars, temperature=args.temperature,
-                    beam=args.beam if args.beam and args.beam > 1 else 0, seed=args.seed, bf16=bf16_choice(args))
+                    beam=args.beam if args.beam and args.beam > 1 else 0, seed=args.seed, **precision(args))
     flat = lambda s: " ".join(s.split())  # noqa: E731  sacreBLEU scores lines: fold line breaks
     result = bleu_chrf([flat(h) for h in hyps], [flat(ref) for _, ref in passages])
     result.update(continuations=len(passages), prompt_chars=args.prompt_chars, max_chars=args.max_chars)

@@ -21,21 +21,23 @@ from seq2seq.tokenizer import BOS, EOS, PAD, CharVocab, SubwordTokenizer
 
 def decoding_bf16(bf16: bool | None, device: torch.device | str = "cpu") -> bool:
     """None picks the fastest mode of the device: bf16 where it computes bf16 natively (Multi30k
-    test, released en-fr: 57.49 BLEU against fp32's 57.61 at beam 5), fp32 elsewhere, where
+    test, released en-fr: 58.65 BLEU against fp32's 58.68 at beam 5), fp32 elsewhere, where
     emulated bf16 is slower."""
     return native_bf16(device) if bf16 is None else bf16
 
 
 @contextmanager
-def decoding(model, bf16: bool):
+def decoding(model, bf16: bool, int8: bool = False):
     """Eval mode, no autograd, bf16 autocast if asked, and the step's weights packed once for the
-    CPU's matrix products; a region should span a whole call. Not inference_mode: under it
-    autocast casts the encoder's weights again at every call. On a CPU the process keeps freed
-    memory (`cpu.tune_allocator`): each step's logits would otherwise be page-faulted anew."""
+    CPU's matrix products (in int8 if asked: see `Int8Linear`); a region should span a whole call.
+    Not inference_mode: under it autocast casts the encoder's weights again at every call. On a
+    CPU the process keeps freed memory (`cpu.tune_allocator`): each step's logits would otherwise
+    be page-faulted anew."""
     model.eval()
     if device_of(model).type == "cpu":
         tune_allocator()
-    with torch.no_grad(), autocast(bf16, device_of(model)), packed_for_decoding(model, torch.bfloat16 if bf16 else torch.float32):
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    with torch.no_grad(), autocast(bf16, device_of(model)), packed_for_decoding(model, dtype, int8):
         yield
 
 
@@ -50,10 +52,10 @@ def max_output_lengths(src_lengths: torch.Tensor, ratio: float) -> torch.Tensor:
 
 def translate(model: Translator, tokenizer: SubwordTokenizer, lines: list[str], beam: int = 5, nbest: int = 1,
               batch_size: int | None = None, max_len_ratio: float = 2.0, length_penalty: float = 1.0,
-              progress: bool = False, bf16: bool | None = None) -> list[list[tuple[str, float]]]:
+              progress: bool = False, bf16: bool | None = None, int8: bool = False) -> list[list[tuple[str, float]]]:
     """`nbest` (text, score) pairs per input line, in input order; an empty line gives empty output.
     `batch_size` None: BATCH_ROWS // beam sentences a batch. `bf16` None: bf16 where the CPU runs
-    it natively (see `decoding_bf16`)."""
+    it natively (see `decoding_bf16`); `int8`: the linear layers' products in int8 besides."""
     if beam < 1 or nbest < 1 or nbest > beam:
         raise ValueError(f"need 1 <= nbest ({nbest}) <= beam ({beam})")
     device = device_of(model)
@@ -63,7 +65,7 @@ def translate(model: Translator, tokenizer: SubwordTokenizer, lines: list[str], 
     results: list[list[tuple[str, float]]] = [[("", 0.0)] * nbest for _ in lines]
     order = sorted((i for i in range(len(lines)) if ids[i]), key=lambda i: -len(ids[i]))
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-    with decoding(model, bf16):
+    with decoding(model, bf16, int8):
         for batch in tqdm(batches, desc="translating", unit="batch", disable=not progress, leave=False):
             src, src_len = pad([ids[i] for i in batch], PAD, eos=EOS)
             state = model.start(src.to(device), src_len)
@@ -82,7 +84,7 @@ def translate(model: Translator, tokenizer: SubwordTokenizer, lines: list[str], 
 
 def attention_map(model: Translator, tokenizer: SubwordTokenizer, line: str, beam: int = 5,
                   bf16: bool | None = None, max_len_ratio: float = 2.0,
-                  length_penalty: float = 1.0) -> tuple[torch.Tensor, list[str], list[str]]:
+                  length_penalty: float = 1.0, int8: bool = False) -> tuple[torch.Tensor, list[str], list[str]]:
     """The attention weights (target x source, each row sums to 1) of `line`'s best translation,
     with the source and target subwords (and </s>) that label them. The translation is decoded,
     then read back teacher-forced: with dropout off, the same weights the search used."""
@@ -93,7 +95,7 @@ def attention_map(model: Translator, tokenizer: SubwordTokenizer, line: str, bea
     src, src_len = pad([ids], PAD, eos=EOS)
     src = src.to(device)
     captured = []
-    with decoding(model, decoding_bf16(bf16, device)):
+    with decoding(model, decoding_bf16(bf16, device), int8):
         state, first = model.start(src, src_len), torch.tensor([BOS], device=device)
         max_lens = max_output_lengths(src_len - 1, max_len_ratio)
         best = (search.greedy(model, state, first, max_lens, eos=EOS)[0] if beam == 1 else
@@ -109,19 +111,20 @@ def attention_map(model: Translator, tokenizer: SubwordTokenizer, line: str, bea
 
 def generate(model: CharLM, vocab: CharVocab, prompts: list[str], max_chars: int, temperature: float = 1.0,
              top_k: int = 0, top_p: float = 1.0, beam: int = 0, length_penalty: float = 1.0,
-             seed: int | None = None, on_text=None, bf16: bool | None = None) -> list[str]:
+             seed: int | None = None, on_text=None, bf16: bool | None = None, int8: bool = False) -> list[str]:
     """A continuation of each prompt (prompts of one length, decoded as one batch).
 
     beam > 0 gives the length-normalised beam-search best; otherwise sampling (temperature 0:
     greedy). `on_text(piece)` receives the characters of a single prompt as they come. `bf16`
-    None: bf16 where the CPU runs it natively; a seed repeats its sample within one mode.
+    None: bf16 where the CPU runs it natively; `int8` as in `translate`. A seed repeats its sample
+    within one mode.
     """
     prompts = [p or "\n" for p in prompts]  # an empty prompt starts as after a line break
     if len({len(p) for p in prompts}) > 1:
         raise ValueError("prompts decoded together must have the same length")
     device = device_of(model)
     ids = torch.tensor([vocab.encode(p, warn=True) for p in prompts], dtype=torch.long, device=device)
-    with decoding(model, decoding_bf16(bf16, device)):
+    with decoding(model, decoding_bf16(bf16, device), int8):
         state, first = model.start(ids), ids[:, -1]
         if beam > 0:
             best = search.beam_search(model, state, first, max_chars, beam, length_penalty=length_penalty)

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from seq2seq import search
+from seq2seq.models.rnn import int8_available
 from conftest import random_batch, small_charlm, small_translator
 
 BOS, EOS = 2, 3
@@ -187,3 +188,31 @@ def test_two_stage_argmax_and_topk_equal_torchs(vocab):
     tied[:, [vocab // 3, vocab - 1]] = 99.0  # two equal maxima, in different blocks
     assert search._argmax(tied).tolist() == [vocab // 3] * 37
     assert search._argmax(x[:0]).numel() == 0
+
+
+@pytest.mark.skipif(not (torch.backends.mkldnn.is_available() and int8_available()),
+                    reason="int8 products need oneDNN's quantized engine")
+def test_int8_products_and_decoder_steps_stay_within_two_percent():
+    """Int8Linear (a scale per weight row, one per input) is within 2% (relative, in norm) of the
+    fp32 product, and so is a translator's decoder step with every linear layer and its gates in
+    int8; the layers are plain again after. (Whether int8 changes translations is measured on the
+    released model, whose choices are not near-ties as a random model's are.)"""
+    from seq2seq.models.rnn import Int8Linear, packed_for_decoding
+
+    def relative_error(a, b):
+        return float((a - b).norm() / b.norm())
+
+    g = torch.Generator().manual_seed(31)
+    weight, bias, x = torch.randn(300, 96, generator=g), torch.randn(300, generator=g), torch.randn(40, 96, generator=g)
+    assert relative_error(Int8Linear(weight, bias)(x), torch.nn.functional.linear(x, weight, bias)) < 0.02  # 1.0%
+    translator = small_translator(seed=32).eval()
+    src, src_len = random_batch(seed=33, batch=16)
+    with torch.no_grad():
+        state, first, _ = translator_start(translator, src, src_len)
+        exact, _ = translator.step(first, state)
+        with packed_for_decoding(translator, torch.float32, int8=True):
+            assert isinstance(vars(translator.out)["forward"], Int8Linear) and translator.decoder.packed_layers
+            state, first, _ = translator_start(translator, src, src_len)
+            int8, _ = translator.step(first, state)
+    assert relative_error(int8, exact) < 0.02
+    assert "forward" not in vars(translator.out) and not hasattr(translator.decoder, "packed_layers")
