@@ -370,17 +370,17 @@ def evaluate_translator(args, model, tokenizer) -> dict:
     if not pairs:
         raise UserError(f"{args.tsv or args.src}: no sentence pairs to evaluate")
     started = time.perf_counter()
-    beam = args.beam or 5
+    beam, choice = args.beam or 5, precision(args)
     hyps = translate(model, tokenizer, [s for s, _ in pairs], beam=beam, batch_size=args.batch_size,
                      max_len_ratio=args.max_len_ratio, length_penalty=args.length_penalty, progress=True,
-                     **precision(args))
+                     **choice)
     seconds = time.perf_counter() - started
     texts = [h[0][0] for h in hyps]
     if args.hyp_output:
         write_output(texts, args.hyp_output)
     result = bleu_chrf(texts, [r for _, r in pairs])
-    bf16 = decoding_bf16(precision(args)["bf16"], model.embed.weight.device)
-    result.update(beam=beam, precision="int8" if args.precision == "int8" else "bf16" if bf16 else "fp32",
+    bf16 = decoding_bf16(choice["bf16"], model.embed.weight.device)
+    result.update(beam=beam, precision="int8" if choice["int8"] else "bf16" if bf16 else "fp32",
                   sentences_per_s=round(len(texts) / max(seconds, 1e-9), 1))
     return result
 
