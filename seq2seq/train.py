@@ -310,7 +310,7 @@ class Trainer:
         self._build_task(data_dir, resume, init_from)
         self._build_optimizer()
         self.progress = {"step": 0, "epoch": 0, "batch": 0, "best_score": -math.inf, "best": None, "bad_evals": 0,
-                         "plateau_scale": 1.0, "total_steps": None, "first_plan": None, "anneal_start": None,
+                         "plateau_scale": 1.0, "total_steps": None, "anneal_start": None,
                          "skipped_steps": 0, "nonfinite_in_row": 0, "window_tokens": 0, "window_loss": 0.0, "window_s": 0.0,
                          "data_dir": str(data_dir.resolve())}
         if resume:
@@ -393,6 +393,10 @@ class Trainer:
         self.stop: str | None = None
         self.since_eval = 0
         self.elapsed_s = 0.0  # wall clock since the start, rank 0's: what budget decisions read
+        # How far a replan may lengthen the plan: the ceiling in the session that made it; a resumed
+        # session keeps to the plan it resumed with, so that it continues as the run would have
+        planned = self.progress["total_steps"]
+        self.plan_cap = self.ceiling if planned is None else min(self.ceiling, planned)
 
     def _open_log(self, resume: bool, init_from: Path | None) -> None:
         """metrics.jsonl, cut back to the saved state on resume; a new run also saves its first state."""
@@ -593,7 +597,7 @@ class Trainer:
         steps_per_eval = self.t.eval_every or len(self.batches)
         p["total_steps"] = self.cluster.from_main(plan_total_steps(self.budget_s, self.elapsed(), p["step"], step_s,
                                                                    self.last_eval_s, steps_per_eval, self.ceiling))
-        p["anneal_start"], p["first_plan"] = p["step"], p["total_steps"]
+        p["anneal_start"] = p["step"]
         self.speed_mark = (p["step"], self.training_seconds())
         record = {"type": "plan", "step": p["step"], "total_steps": p["total_steps"],
                   "epochs": round(p["total_steps"] / max(len(self.batches), 1), 2), "step_s": round(step_s, 4),
@@ -606,20 +610,19 @@ class Trainer:
     def replan(self, trained_s: float) -> None:
         """At each evaluation of a budget run, fit the plan to the speed of the steps since the last
         one when it has drifted: shorter when at that speed the run would overrun the whole budget
-        (another process, a throttled CPU), so it still ends annealed; longer again, up to its first
-        plan, when it would leave more than twice the margin unused (the slowdown has passed), so a
-        passing slowdown does not cost the rest of the run its steps. In between the plan stands: a
-        steady machine keeps it, and as no plan passes the first, a resumed run whose plan never
-        changed follows it exactly unless its new budget is too short. `trained_s`: training
-        seconds as the evaluation began."""
+        (another process, a throttled CPU), so it still ends annealed; longer when it would leave
+        more than twice the margin unused (a slowdown has passed, or the plan's measurement caught
+        a slow spell), so the budget is spent training. In between the plan stands: a steady
+        machine keeps it. A resumed session never lengthens the plan it resumed with (see
+        `plan_cap`), so it follows it exactly unless its new budget is too short. `trained_s`:
+        training seconds as the evaluation began."""
         p = self.progress
         mark, self.speed_mark = self.speed_mark, (p["step"], trained_s)
         if self.budget_s is None or p["total_steps"] is None or mark is None or p["step"] <= mark[0]:
             return
         step_s = (trained_s - mark[1]) / (p["step"] - mark[0])
-        first_plan = p["first_plan"] or p["total_steps"]  # a state saved before first_plan existed: never longer
         args = (self.budget_s, self.elapsed(), p["step"], step_s, self.last_eval_s or 0.0,
-                self.t.eval_every or len(self.batches), min(self.ceiling, first_plan))
+                self.t.eval_every or len(self.batches), self.plan_cap)
         overruns = plan_total_steps(*args, margin=0.0) < p["total_steps"]
         idles = p["total_steps"] < plan_total_steps(*args, margin=2 * BUDGET_MARGIN)
         total = self.cluster.from_main(plan_total_steps(*args) if overruns or idles else p["total_steps"])
