@@ -36,7 +36,8 @@ from seq2seq import checkpoint, cpu, inference  # noqa: E402
 from seq2seq.config import default_data_dir, load_preset  # noqa: E402
 from seq2seq.device import resolve as resolve_device  # noqa: E402
 from seq2seq.metrics import bleu_chrf  # noqa: E402
-from seq2seq.models.rnn import Int8Linear, int8_available  # noqa: E402
+from seq2seq.cpu import int8_available  # noqa: E402
+from seq2seq.models.rnn import Int8Linear  # noqa: E402
 from seq2seq.train import Trainer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -172,7 +173,8 @@ def decode_bench(model_dir: Path, src: Path, ref: Path | None, repeats: int, pea
     refs = ref.read_text(encoding="utf-8").splitlines() if ref and ref.is_file() else None
     if quick:
         lines, refs = lines[:300], refs[:300] if refs else None
-    out = {"model": str(model_dir), "sentences": len(lines), "default_bf16": inference.decoding_bf16(None, DEVICE)}
+    out = {"model": str(model_dir), "sentences": len(lines), "default_bf16": inference.decoding_bf16(None, DEVICE),
+           "default_int8": inference.decoding_int8(None, None, DEVICE)}
     src_tokens = sum(len(ids) + 1 for ids in tokenizer.encode(lines))
     for beam in (1, 5):
         for precision in precisions():

@@ -131,8 +131,8 @@ def add_device_arg(p: argparse.ArgumentParser) -> None:
 def add_precision_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", choices=["auto", "bf16", "fp32", "int8"], default="auto",
                    help="decoding arithmetic; auto: bf16 where the device computes it natively (AVX-512 BF16 or "
-                        "AMX CPUs, Ampere and later GPUs), else fp32; int8 (CPU): the linear layers in int8, "
-                        "the rest as auto")
+                        "AMX CPUs, Ampere and later GPUs), else fp32, and for translation the linear layers in "
+                        "int8 on CPUs with VNNI or AMX; int8 (CPU): the linear layers in int8, the rest as auto")
     add_device_arg(p)
 
 
@@ -140,10 +140,11 @@ def precision(args) -> dict:
     """--precision as the decoding functions' bf16 and int8 arguments."""
     if args.precision == "int8":
         from seq2seq.device import resolve as resolve_device
-        from seq2seq.models.rnn import int8_available
+        from seq2seq.cpu import int8_available
         if resolve_device(args.device).type != "cpu" or not int8_available():
             raise UserError("--precision int8 needs a CPU with PyTorch's oneDNN quantized engine")
-    return {"bf16": {"bf16": True, "fp32": False}.get(args.precision), "int8": args.precision == "int8"}
+    return {"bf16": {"bf16": True, "fp32": False}.get(args.precision),
+            "int8": {"auto": None, "int8": True}.get(args.precision, False)}
 
 
 def cmd_train(args) -> None:
@@ -356,7 +357,7 @@ def cmd_evaluate(args) -> None:
 
 def evaluate_translator(args, model, tokenizer) -> dict:
     from seq2seq.data import read_parallel_files, read_tsv
-    from seq2seq.inference import decoding_bf16, translate
+    from seq2seq.inference import decoding_bf16, decoding_int8, translate
     from seq2seq.metrics import bleu_chrf
 
     if args.tsv and (args.src or args.ref):
@@ -379,8 +380,9 @@ def evaluate_translator(args, model, tokenizer) -> dict:
     if args.hyp_output:
         write_output(texts, args.hyp_output)
     result = bleu_chrf(texts, [r for _, r in pairs])
-    bf16 = decoding_bf16(choice["bf16"], model.embed.weight.device)
-    result.update(beam=beam, precision="int8" if choice["int8"] else "bf16" if bf16 else "fp32",
+    device = model.embed.weight.device
+    int8, bf16 = decoding_int8(choice["int8"], choice["bf16"], device), decoding_bf16(choice["bf16"], device)
+    result.update(beam=beam, precision="int8" if int8 else "bf16" if bf16 else "fp32",
                   sentences_per_s=round(len(texts) / max(seconds, 1e-9), 1))
     return result
 

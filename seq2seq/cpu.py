@@ -59,8 +59,20 @@ def native_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags or arm
 
 
+def int8_available() -> bool:
+    """Whether PyTorch has oneDNN's quantized engine, which `Int8Linear` runs on."""
+    return "onednn" in torch.backends.quantized.supported_engines
+
+
+def native_int8() -> bool:
+    """True where the CPU has int8 dot-product instructions (AVX-512 VNNI, AVX-VNNI or AMX) and
+    PyTorch has oneDNN's quantized engine, so that int8 products are the fast choice."""
+    return bool(cpu_flags() & {"avx512_vnni", "avx_vnni", "amx_int8"}) and int8_available()
+
+
 def describe() -> dict:
     flags = cpu_flags()
     return {"cpu": cpu_model(), "threads": torch.get_num_threads(), "torch": torch.__version__,
             "avx512_bf16": "avx512_bf16" in flags, "amx_bf16": "amx_bf16" in flags,
-            "avx512_vnni": "avx512_vnni" in flags or "avx_vnni" in flags, "native_bf16": native_bf16()}
+            "avx512_vnni": "avx512_vnni" in flags or "avx_vnni" in flags, "native_bf16": native_bf16(),
+            "native_int8": native_int8()}

@@ -37,3 +37,12 @@ def native_bf16(device: torch.device | str = "cpu") -> bool:
         return torch.cuda.is_bf16_supported()
     from seq2seq.cpu import native_bf16 as cpu_native_bf16
     return cpu_native_bf16()
+
+
+def native_int8(device: torch.device | str = "cpu") -> bool:
+    """Whether the device runs dynamic int8 products natively (CPUs with VNNI or AMX; the int8
+    path is CPU-only)."""
+    if torch.device(device).type != "cpu":
+        return False
+    from seq2seq.cpu import native_int8 as cpu_native_int8
+    return cpu_native_int8()

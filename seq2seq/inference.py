@@ -9,7 +9,7 @@ from tqdm import tqdm
 
 from seq2seq import search
 from seq2seq.cpu import tune_allocator
-from seq2seq.device import autocast, native_bf16
+from seq2seq.device import autocast, native_bf16, native_int8
 from seq2seq.device import of as device_of
 from seq2seq.data import pad
 from seq2seq.metrics import char_scores
@@ -24,6 +24,16 @@ def decoding_bf16(bf16: bool | None, device: torch.device | str = "cpu") -> bool
     test, released en-fr: 58.65 BLEU against fp32's 58.68 at beam 5), fp32 elsewhere, where
     emulated bf16 is slower."""
     return native_bf16(device) if bf16 is None else bf16
+
+
+def decoding_int8(int8: bool | None, bf16: bool | None = None, device: torch.device | str = "cpu") -> bool:
+    """Translation's int8 choice. None picks int8 products where the CPU runs them natively (VNNI,
+    AMX: see `Int8Linear`), unless the caller chose bf16 or fp32 (`bf16` not None): the fastest
+    mode there, at a BLEU within 0.1 of fp32's (Multi30k test, released en-fr, against bf16: greedy
+    1.10x, beam 5 1.08x). True asks for them anywhere on a CPU."""
+    if int8 is None:
+        return bf16 is None and native_int8(device)
+    return int8
 
 
 @contextmanager
@@ -52,14 +62,15 @@ def max_output_lengths(src_lengths: torch.Tensor, ratio: float) -> torch.Tensor:
 
 def translate(model: Translator, tokenizer: SubwordTokenizer, lines: list[str], beam: int = 5, nbest: int = 1,
               batch_size: int | None = None, max_len_ratio: float = 2.0, length_penalty: float = 1.0,
-              progress: bool = False, bf16: bool | None = None, int8: bool = False) -> list[list[tuple[str, float]]]:
+              progress: bool = False, bf16: bool | None = None, int8: bool | None = None) -> list[list[tuple[str, float]]]:
     """`nbest` (text, score) pairs per input line, in input order; an empty line gives empty output.
     `batch_size` None: BATCH_ROWS // beam sentences a batch. `bf16` None: bf16 where the CPU runs
-    it natively (see `decoding_bf16`); `int8`: the linear layers' products in int8 besides."""
+    it natively (see `decoding_bf16`); `int8` None (with `bf16` None): the linear layers' products in
+    int8 besides where the CPU runs them natively (see `decoding_int8`)."""
     if beam < 1 or nbest < 1 or nbest > beam:
         raise ValueError(f"need 1 <= nbest ({nbest}) <= beam ({beam})")
     device = device_of(model)
-    bf16 = decoding_bf16(bf16, device)
+    int8, bf16 = decoding_int8(int8, bf16, device), decoding_bf16(bf16, device)
     batch_size = batch_size or max(1, BATCH_ROWS // beam)
     ids = tokenizer.encode([line.strip() for line in lines])
     results: list[list[tuple[str, float]]] = [[("", 0.0)] * nbest for _ in lines]
@@ -84,7 +95,7 @@ def translate(model: Translator, tokenizer: SubwordTokenizer, lines: list[str], 
 
 def attention_map(model: Translator, tokenizer: SubwordTokenizer, line: str, beam: int = 5,
                   bf16: bool | None = None, max_len_ratio: float = 2.0,
-                  length_penalty: float = 1.0, int8: bool = False) -> tuple[torch.Tensor, list[str], list[str]]:
+                  length_penalty: float = 1.0, int8: bool | None = None) -> tuple[torch.Tensor, list[str], list[str]]:
     """The attention weights (target x source, each row sums to 1) of `line`'s best translation,
     with the source and target subwords (and </s>) that label them. The translation is decoded,
     then read back teacher-forced: with dropout off, the same weights the search used."""
@@ -95,7 +106,7 @@ def attention_map(model: Translator, tokenizer: SubwordTokenizer, line: str, bea
     src, src_len = pad([ids], PAD, eos=EOS)
     src = src.to(device)
     captured = []
-    with decoding(model, decoding_bf16(bf16, device), int8):
+    with decoding(model, decoding_bf16(bf16, device), decoding_int8(int8, bf16, device)):
         state, first = model.start(src, src_len), torch.tensor([BOS], device=device)
         max_lens = max_output_lengths(src_len - 1, max_len_ratio)
         best = (search.greedy(model, state, first, max_lens, eos=EOS)[0] if beam == 1 else
@@ -111,20 +122,22 @@ def attention_map(model: Translator, tokenizer: SubwordTokenizer, line: str, bea
 
 def generate(model: CharLM, vocab: CharVocab, prompts: list[str], max_chars: int, temperature: float = 1.0,
              top_k: int = 0, top_p: float = 1.0, beam: int = 0, length_penalty: float = 1.0,
-             seed: int | None = None, on_text=None, bf16: bool | None = None, int8: bool = False) -> list[str]:
+             seed: int | None = None, on_text=None, bf16: bool | None = None, int8: bool | None = None) -> list[str]:
     """A continuation of each prompt (prompts of one length, decoded as one batch).
 
     beam > 0 gives the length-normalised beam-search best; otherwise sampling (temperature 0:
     greedy). `on_text(piece)` receives the characters of a single prompt as they come. `bf16`
-    None: bf16 where the CPU runs it natively; `int8` as in `translate`. A seed repeats its sample
-    within one mode.
+    None: bf16 where the CPU runs it natively. `int8` True: the linear layers in int8; None stays
+    off, unlike `translate`'s: a character step's products are a few rows, and quantizing them at
+    each call lost to bf16 (`benchmark.py charlm-generate`: one stream 0.81x, 32 streams 0.98x).
+    A seed repeats its sample within one mode.
     """
     prompts = [p or "\n" for p in prompts]  # an empty prompt starts as after a line break
     if len({len(p) for p in prompts}) > 1:
         raise ValueError("prompts decoded together must have the same length")
     device = device_of(model)
     ids = torch.tensor([vocab.encode(p, warn=True) for p in prompts], dtype=torch.long, device=device)
-    with decoding(model, decoding_bf16(bf16, device), int8):
+    with decoding(model, decoding_bf16(bf16, device), bool(int8)):
         state, first = model.start(ids), ids[:, -1]
         if beam > 0:
             best = search.beam_search(model, state, first, max_chars, beam, length_penalty=length_penalty)

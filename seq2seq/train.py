@@ -126,7 +126,7 @@ class TranslationTask:
                                      smoothing=0.0, teacher_forcing=1.0)
             total, count = total + float(loss), count + n
         hyps = inference.translate(self.model, self.tokenizer, self.dev_src, beam=self.cfg.train.dev_beam,
-                                   bf16=self.cfg.train.bf16)
+                                   bf16=self.cfg.train.bf16, int8=False)  # the weights as trained
         scores = bleu_chrf([h[0][0] for h in hyps], self.dev_ref)
         self.model.train()
         dev_loss = total / max(count, 1)

@@ -1,6 +1,6 @@
-"""What the CPU offers: the bf16 decision the CLI and the Python API take by default."""
+"""What the CPU offers: the bf16 and int8 decisions the CLI and the Python API take by default."""
 from seq2seq import cpu
-from seq2seq.inference import decoding_bf16
+from seq2seq.inference import decoding_bf16, decoding_int8
 
 
 def test_native_bf16_follows_the_cpu_flags(monkeypatch):
@@ -19,10 +19,31 @@ def test_decoding_precision_defaults_to_the_native_one_and_obeys_a_choice(monkey
     assert decoding_bf16(None) is True and decoding_bf16(False) is False
 
 
+def test_native_int8_follows_the_cpu_flags(monkeypatch):
+    monkeypatch.setattr(cpu, "int8_available", lambda: True)
+    for flags in ({"avx2", "avx512f", "avx512_vnni"}, {"avx2", "avx_vnni"}, {"avx2", "amx_int8"}):
+        monkeypatch.setattr(cpu, "cpu_flags", lambda flags=flags: frozenset(flags))
+        assert cpu.native_int8(), flags
+    monkeypatch.setattr(cpu, "cpu_flags", lambda: frozenset({"avx2", "avx512f", "avx512_bf16"}))
+    assert not cpu.native_int8()
+    monkeypatch.setattr(cpu, "cpu_flags", lambda: frozenset({"avx2", "avx512_vnni"}))
+    monkeypatch.setattr(cpu, "int8_available", lambda: False)
+    assert not cpu.native_int8()  # no oneDNN quantized engine: Int8Linear cannot run
+
+
+def test_int8_decoding_defaults_to_the_native_choice_on_a_cpu_only(monkeypatch):
+    monkeypatch.setattr("seq2seq.cpu.native_int8", lambda: True)
+    assert decoding_int8(None) is True and decoding_int8(False) is False
+    assert decoding_int8(None, bf16=False) is False and decoding_int8(None, bf16=True) is False  # a chosen precision
+    assert decoding_int8(None, device="cuda") is False
+    monkeypatch.setattr("seq2seq.cpu.native_int8", lambda: False)
+    assert decoding_int8(None) is False and decoding_int8(True) is True
+
+
 def test_describe_names_the_machine():
     facts = cpu.describe()
     assert facts["threads"] >= 1 and facts["torch"].startswith("2.")
-    assert set(facts) >= {"cpu", "avx512_bf16", "amx_bf16", "avx512_vnni", "native_bf16"}
+    assert set(facts) >= {"cpu", "avx512_bf16", "amx_bf16", "avx512_vnni", "native_bf16", "native_int8"}
 
 
 

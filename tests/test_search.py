@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from seq2seq import search
-from seq2seq.models.rnn import int8_available
+from seq2seq.cpu import int8_available
 from conftest import random_batch, small_charlm, small_translator
 
 BOS, EOS = 2, 3

@@ -115,10 +115,6 @@ class Int8Linear:
         return torch.ops.quantized.linear_dynamic(x.float(), self.packed, False)
 
 
-def int8_available() -> bool:
-    return "onednn" in torch.backends.quantized.supported_engines
-
-
 @contextmanager
 def packed_for_decoding(model: nn.Module, dtype: torch.dtype, int8: bool = False):
     """Within the block, the model's linear layers and its one-way LSTMs' step kernel use weights
