@@ -42,42 +42,50 @@ def _log_probs(logits: torch.Tensor) -> torch.Tensor:
     return torch.log_softmax(logits.float(), dim=-1)
 
 
-def _block_size(vocab: int) -> int:
-    """The largest divisor of the vocabulary up to 128 (8000 -> 125), or 0 when the vocabulary is
-    too small or has no divisor there, and the plain reductions do."""
+def _groups(vocab: int) -> int:
+    """How many strided groups the two-stage reductions split a vocabulary into (8000 -> 64: group
+    g holds tokens g, g + 64, g + 128, ...), or 0 when the vocabulary is small or has no such
+    divisor, and torch's own reductions do. A multiple of 16 (one 512-bit vector of fp32), so the
+    group maxima are taken down contiguous columns: 320 x 8000 in 0.08 ms, against 0.5-0.7 ms for
+    contiguous blocks of 125 or 100, whose short rows the CPU reduces one at a time."""
     if vocab < 1024:
         return 0
-    return next((b for b in range(128, 15, -1) if vocab % b == 0), 0)
+    return next((g for g in (64, 48, 80, 32, 96, 112, 128, 16) if vocab % g == 0), 0)
 
 
 def _argmax(x: torch.Tensor) -> torch.Tensor:
-    """x.argmax(-1) of (rows, vocabulary) in two stages: the CPU's argmax walks a row one value at
-    a time, while a max is vectorised. Each row's first block holding its maximum, then that
-    block's first maximum: the first maximum, as argmax gives. 320 x 8000: 1.3 -> 0.35 ms."""
+    """x.argmax(-1) of (rows, vocabulary) in two stages: each group's maximum, then the first
+    maximum within the first group holding the row's maximum. A row whose maximum lies in more
+    than one group is redone with argmax, so the first maximum is kept, as argmax keeps it.
+    320 x 8000: 0.75 -> 0.16 ms."""
     n, vocab = x.shape
-    block = _block_size(vocab)
-    if not block or not n:
+    groups = _groups(vocab)
+    if not groups or not n:
         return x.argmax(-1)
-    blocks = x.view(n, vocab // block, block)
-    first_block = blocks.amax(-1).argmax(-1)
-    within = blocks[torch.arange(n, device=x.device), first_block].argmax(-1)
-    return first_block * block + within
+    columns = x.view(n, vocab // groups, groups)
+    group_max = columns.amax(1)
+    best_max, best_group = group_max.max(1)
+    index = columns[torch.arange(n, device=x.device), :, best_group].argmax(-1) * groups + best_group
+    tied = (group_max == best_max.unsqueeze(1)).sum(1) > 1
+    if tied.any():
+        index[tied] = x[tied].argmax(-1)
+    return index
 
 
 def _topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """x.topk(k, dim=1) of (rows, vocabulary), sorted, in two stages: the k best values of a row lie
-    in the k blocks with the best maxima (a value outside them has k block maxima above it), so
-    the exact top k is taken over those k blocks only. Equal values may be chosen in another
-    order than torch.topk's. 320 x 8000, k = 10: 2.3 -> 1.8 ms."""
+    in the k groups with the best maxima (a value outside them has k group maxima above it), so
+    the exact top k is taken over those k groups only. Equal values may be chosen in another
+    order than torch.topk's. 320 x 8000, k = 10: 1.17 -> 0.84 ms."""
     n, vocab = x.shape
-    block = _block_size(vocab)
-    if not block or k * block >= vocab or not n:
+    groups = _groups(vocab)
+    if not groups or k >= groups or not n:
         return x.topk(k, dim=1)
-    blocks = x.view(n, vocab // block, block)
-    best_blocks = blocks.amax(-1).topk(k, dim=1).indices
-    candidates = blocks.gather(1, best_blocks.unsqueeze(-1).expand(-1, -1, block)).view(n, k * block)
-    values, at = candidates.topk(k, dim=1)
-    return values, best_blocks.gather(1, at // block) * block + at % block
+    columns = x.view(n, vocab // groups, groups)
+    best_groups = columns.amax(1).topk(k, dim=1).indices  # (n, k)
+    candidates = columns.gather(2, best_groups.unsqueeze(1).expand(-1, vocab // groups, -1)).view(n, -1)
+    values, at = candidates.topk(k, dim=1)  # candidate at = i * k + j: token i * groups + best_groups[j]
+    return values, (at // k) * groups + best_groups.gather(1, at % k)
 
 
 def _decode(model, state, first_tokens: torch.Tensor, max_lens, eos: int | None,

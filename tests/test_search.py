@@ -173,20 +173,25 @@ def test_packed_weights_decode_as_the_plain_step_and_are_released_after():
     assert not hasattr(charlm.rnn, "packed_layers") and "forward" not in vars(charlm.out)
 
 
-@pytest.mark.parametrize("vocab", [8000, 2400, 1031])
+@pytest.mark.parametrize("vocab", [8000, 2400, 8002, 1031])
 def test_two_stage_argmax_and_topk_equal_torchs(vocab):
-    """The block-wise reductions that greedy and beam search use over a vocabulary (8000: blocks
-    of 100; 2400: of 120; 1031, a prime: torch's own) give torch's answers; argmax keeps the
-    first of equal maxima."""
+    """The group-wise reductions that greedy and beam search use over a vocabulary (8000: 64
+    strided groups; 2400: 48; 8002 and 1031, a prime, with no multiple of 16 dividing them:
+    torch's own) give torch's answers; argmax keeps the first of equal maxima, also where the
+    first group holding the maximum is not the group of its first position."""
     x = torch.randn(37, vocab, generator=torch.Generator().manual_seed(vocab))
     assert torch.equal(search._argmax(x), x.argmax(-1))
-    for k in (1, 10):
+    for k in (1, 10, 40):
         values, indices = search._topk(x, k)
         expected = x.topk(k, dim=1)
         assert torch.equal(values, expected.values) and torch.equal(indices, expected.indices)
-    tied = x.clone()
-    tied[:, [vocab // 3, vocab - 1]] = 99.0  # two equal maxima, in different blocks
-    assert search._argmax(tied).tolist() == [vocab // 3] * 37
+    for positions in ([vocab // 3, vocab - 1], [2, 65], [1, 65], [66, 3, vocab - 2]):
+        tied = x.clone()
+        tied[:, positions] = 99.0
+        assert search._argmax(tied).tolist() == [min(positions)] * 37, positions
+    some_tied = x.clone()
+    some_tied[::2, [2, 65]] = 99.0  # ties in some rows only
+    assert torch.equal(search._argmax(some_tied), some_tied.argmax(-1))
     assert search._argmax(x[:0]).numel() == 0
 
 

@@ -41,17 +41,22 @@ class Translator(nn.Module):
         packed = pack_padded_sequence(emb, src_len.cpu(), batch_first=True, enforce_sorted=False)
         packed_out, final = self.encoder(packed)
         memory, _ = pad_packed_sequence(packed_out, batch_first=True, total_length=src.size(1))
+        # batch_first here is a transposed view, and a strided batch sends every bmm that reads the
+        # memory to a slow path (greedy, 320 rows x 38 source tokens: 1.08 -> 0.32 ms a step)
+        memory = memory.contiguous()
         final_h = final[0] if isinstance(final, tuple) else final
         last_layer = torch.cat([final_h[-2], final_h[-1]], dim=-1)  # forward and backward of the top layer
         h0 = torch.tanh(self.bridge(last_layer)).view(src.size(0), self.cfg.dec_layers, self.cfg.dec_hidden)
         h0 = h0.transpose(0, 1).contiguous()
         hidden = (h0, h0) if self.cfg.cell == "lstm" else h0
         memory = self.dropout(memory)
+        keys = self.attention.keys(memory)
         if torch.is_autocast_enabled(memory.device.type):
-            # the packed encoder returns fp32: cast once here, not in every decoding step's bmm
-            memory = memory.to(torch.get_autocast_dtype(memory.device.type))
-        state = {"hidden": hidden, "memory": memory, "keys": self.attention.keys(memory),
-                 "mask": src != PAD}
+            # the packed encoder (and int8 key projection) return fp32: cast once here, not in every
+            # decoding step's bmm (greedy, 320 rows: a 1.2 ms copy a step of transposed keys)
+            dtype = torch.get_autocast_dtype(memory.device.type)
+            memory, keys = memory.to(dtype), keys.to(dtype)
+        state = {"hidden": hidden, "memory": memory, "keys": keys, "mask": src != PAD}
         if self.cfg.input_feeding:
             state["feed"] = memory.new_zeros(src.size(0), self.cfg.emb_dim)
         return state
