@@ -71,7 +71,7 @@ def rnn_step(rnn: nn.RNNBase, x: torch.Tensor, hidden: Hidden | None) -> tuple[t
         h_out.append(h)
         out = h
         if rnn.training and rnn.dropout and layer < rnn.num_layers - 1:
-            out = nn.functional.dropout(out, rnn.dropout, training=True)
+            out = out * keep_mask(out, rnn.dropout)
     h_stack = torch.stack(h_out)
     return out, ((h_stack, torch.stack(c_out)) if lstm else h_stack)
 
@@ -169,8 +169,11 @@ def detach(hidden: Hidden) -> Hidden:
 
 
 class Dropout(nn.Module):
-    """Inverted dropout whose mask comes from rand_like: on CPU about twice as fast as
-    nn.Dropout's bernoulli_, and dropout masks were a tenth of a training step."""
+    """Inverted dropout whose mask comes from 16 random bits an element, drawn as int64s: on CPU
+    the generator's cost is per draw, so a quarter of the draws rand_like makes. 230 x 14 x 512:
+    2.2 ms against 4.3-5.2 ms with rand_like, and 9.5 ms with nn.Dropout's bernoulli_ (dropout
+    masks were a tenth of a training step). The rate is p rounded to a multiple of 1/65536, and
+    the kept values are scaled by the inverse of that rounded keep rate, which keeps the mean."""
 
     def __init__(self, p: float):
         super().__init__()
@@ -179,4 +182,16 @@ class Dropout(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0:
             return x
-        return x * ((torch.rand_like(x) >= self.p) * (1 / (1 - self.p))).to(x.dtype)
+        return x * keep_mask(x, self.p)
+
+
+def keep_mask(x: torch.Tensor, p: float) -> torch.Tensor:
+    """A dropout mask for x in x's dtype: 0 with probability p (rounded to a multiple of 1/65536),
+    else 1 / (1 - that p)."""
+    dropped = round(p * 65536)
+    if dropped >= 65536:
+        return torch.zeros_like(x)
+    n = x.numel()
+    bits = torch.randint(-2**63, 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64, device=x.device)
+    keep = bits.view(torch.int16)[:n].view(x.shape) >= dropped - 32768
+    return keep.to(x.dtype) * (65536 / (65536 - dropped))
