@@ -111,3 +111,42 @@ def test_dropout_drops_its_share_keeps_the_mean_and_repeats_with_the_seed(p):
     assert dropout(odd).shape == odd.shape
     assert dropout.eval()(x) is x and Dropout(0.0).train()(x) is x
     assert not Dropout(1.0).train()(x).any()
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
+@pytest.mark.parametrize("bidirectional", [False, True])
+@pytest.mark.parametrize("packed", [False, True])
+def test_layer_by_layer_rnn_equals_the_module_and_drops_between_layers(monkeypatch, cell, bidirectional, packed):
+    """run_rnn, which trains a multi-layer RNN one layer at a time with our dropout in between,
+    gives the module's outputs and final states (in the input's row order, for padded and packed
+    unsorted input, with and without a start state) when that dropout keeps everything; with the
+    real mask, the second layer's input loses its share and only in training."""
+    import copy
+    from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+    from seq2seq.models import rnn as rnn_module
+
+    torch.manual_seed(0)
+    rnn = rnn_module.make_rnn(cell, 6, 5, layers=3, dropout=0.4, bidirectional=bidirectional).train()
+    plain = copy.deepcopy(rnn)
+    plain.dropout = 0.0
+    x, lengths = torch.randn(4, 7, 6), torch.tensor([3, 7, 1, 5])
+    states = 3 * (2 if bidirectional else 1)
+    start = torch.randn(states, 4, 5)
+    start = (start, torch.randn(states, 4, 5)) if cell == "lstm" else start
+    monkeypatch.setattr(rnn_module, "keep_mask", lambda data, p: torch.ones_like(data))
+    for hidden in (None, start):
+        inputs = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False) if packed else x
+        out, final = rnn_module.run_rnn(rnn, inputs, hidden)
+        want_out, want_final = plain(inputs, hidden)
+        if packed:
+            out, want_out = pad_packed_sequence(out, batch_first=True)[0], pad_packed_sequence(want_out, batch_first=True)[0]
+        assert torch.allclose(out, want_out, atol=1e-6)
+        for got, want in zip(final if cell == "lstm" else [final], want_final if cell == "lstm" else [want_final]):
+            assert torch.allclose(got, want, atol=1e-6)
+    monkeypatch.undo()
+    seen = []
+    monkeypatch.setattr(rnn_module, "keep_mask", lambda data, p: seen.append(data.shape) or torch.zeros_like(data))
+    rnn_module.run_rnn(rnn, x)
+    assert len(seen) == 2  # between the three layers
+    rnn.eval()
+    assert torch.allclose(rnn_module.run_rnn(rnn, x)[0], plain.eval()(x)[0]) and len(seen) == 2

@@ -7,6 +7,7 @@ from contextlib import contextmanager
 
 import torch
 from torch import nn
+from torch.nn.utils.rnn import PackedSequence
 
 from seq2seq.device import of as device_of
 from seq2seq.errors import UserError
@@ -43,6 +44,48 @@ def set_forget_bias(rnn: nn.RNNBase, value: float) -> None:
                 param[size : 2 * size] = value
             elif name.startswith("bias_hh"):
                 param[size : 2 * size] = 0.0
+
+
+_SEQUENCE_KERNELS = {nn.LSTM: torch._VF.lstm, nn.GRU: torch._VF.gru, nn.RNN: torch._VF.rnn_tanh}
+
+
+def run_rnn(rnn: nn.RNNBase, x: torch.Tensor | PackedSequence, hidden: Hidden | None = None):
+    """`rnn(x, hidden)`, but in training with dropout between layers, one layer at a time with
+    `keep_mask`'s dropout in between: nn.LSTM draws that mask with bernoulli_, about four times
+    the cost (9.5 against 2.2 ms on 1.65M values), on every layer's whole output."""
+    if not (rnn.training and rnn.dropout and rnn.num_layers > 1) or getattr(rnn, "proj_size", 0) \
+            or (isinstance(rnn, nn.RNN) and rnn.nonlinearity != "tanh"):
+        return rnn(x, hidden)
+    kernel, lstm = _SEQUENCE_KERNELS[type(rnn)], isinstance(rnn, nn.LSTM)
+    dirs = 2 if rnn.bidirectional else 1
+    packed = isinstance(x, PackedSequence)
+    data = x.data if packed else x
+    batch = int(x.batch_sizes[0]) if packed else data.size(0 if rnn.batch_first else 1)
+    if hidden is None:
+        zeros = data.new_zeros(rnn.num_layers * dirs, batch, rnn.hidden_size)
+        hidden = (zeros, zeros) if lstm else zeros
+    elif packed and x.sorted_indices is not None:
+        hidden = select_rows(hidden, x.sorted_indices)
+    weights = rnn._flat_weights
+    per_layer = len(weights) // rnn.num_layers
+    finals = []
+    for layer in range(rnn.num_layers):
+        if layer:
+            data = data * keep_mask(data, rnn.dropout)
+        rows = slice(layer * dirs, (layer + 1) * dirs)
+        hx = (hidden[0][rows], hidden[1][rows]) if lstm else hidden[rows]
+        params = weights[layer * per_layer : (layer + 1) * per_layer]
+        if packed:
+            result = kernel(data, x.batch_sizes, hx, params, rnn.bias, 1, 0.0, True, rnn.bidirectional)
+        else:
+            result = kernel(data, hx, params, rnn.bias, 1, 0.0, True, rnn.bidirectional, rnn.batch_first)
+        data, finals = result[0], finals + [result[1:]]
+    final = tuple(torch.cat([f[i] for f in finals]) for i in range(2)) if lstm else torch.cat([f[0] for f in finals])
+    if packed:
+        if x.unsorted_indices is not None:
+            final = select_rows(final, x.unsorted_indices)
+        return PackedSequence(data, x.batch_sizes, x.sorted_indices, x.unsorted_indices), final
+    return data, final
 
 
 _CELL_KERNELS = {nn.LSTM: torch._VF.lstm_cell, nn.GRU: torch._VF.gru_cell, nn.RNN: torch._VF.rnn_tanh_cell}
