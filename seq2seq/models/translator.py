@@ -41,8 +41,8 @@ class Translator(nn.Module):
         packed = pack_padded_sequence(emb, src_len.cpu(), batch_first=True, enforce_sorted=False)
         packed_out, final = run_rnn(self.encoder, packed)
         memory, _ = pad_packed_sequence(packed_out, batch_first=True, total_length=src.size(1))
-        # batch_first here is a transposed view, and a strided batch sends every bmm that reads the
-        # memory to a slow path (greedy, 320 rows x 38 source tokens: 1.08 -> 0.32 ms a step)
+        # batch_first here is a transposed view, and a bmm over a strided batch is slower (the
+        # context product at 320 x 38 x 640 bf16: 0.55 -> 0.32 ms; a greedy step 6.14 -> 6.04 ms)
         memory = memory.contiguous()
         final_h = final[0] if isinstance(final, tuple) else final
         last_layer = torch.cat([final_h[-2], final_h[-1]], dim=-1)  # forward and backward of the top layer
