@@ -173,6 +173,34 @@ def test_packed_weights_decode_as_the_plain_step_and_are_released_after():
     assert not hasattr(charlm.rnn, "packed_layers") and "forward" not in vars(charlm.out)
 
 
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="packed weights need oneDNN (mkldnn)")
+def test_packed_weights_are_kept_between_regions_until_the_weights_change():
+    """A second decoding region reuses the first one's packed weights; a fused AdamW step, which
+    changes the weights in place without bumping their version counters, makes the next region
+    pack them again, and its step computes with the new weights."""
+    from seq2seq.models.rnn import packed_for_decoding
+
+    model = small_charlm(seed=25).eval()
+    prompt = torch.randint(1, 20, (3, 5), generator=torch.Generator().manual_seed(26))
+    with torch.no_grad(), packed_for_decoding(model, torch.float32):
+        first_out, first_layers = vars(model.out)["forward"], model.rnn.packed_layers
+    with torch.no_grad(), packed_for_decoding(model, torch.float32):
+        assert vars(model.out)["forward"] is first_out and model.rnn.packed_layers is first_layers
+    with torch.no_grad(), packed_for_decoding(model, torch.bfloat16):
+        assert vars(model.out)["forward"] is not first_out  # another dtype, another packing
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1, fused=True)
+    model.train()
+    model(prompt)[0].sum().backward()
+    optimizer.step()
+    model.eval()
+    with torch.no_grad():
+        plain, _ = model.step(prompt[:, -1], model.start(prompt))
+        with packed_for_decoding(model, torch.float32):
+            assert vars(model.out)["forward"] is not first_out and model.rnn.packed_layers is not first_layers
+            packed, _ = model.step(prompt[:, -1], model.start(prompt))
+    assert torch.allclose(packed, plain, atol=1e-5)
+
+
 @pytest.mark.parametrize("vocab", [8000, 2400, 8002, 1031])
 def test_two_stage_argmax_and_topk_equal_torchs(vocab):
     """The group-wise reductions that greedy and beam search use over a vocabulary (8000: 64

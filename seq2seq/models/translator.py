@@ -7,7 +7,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from seq2seq.config import TranslatorModel
 from seq2seq.models.attention import Attention
-from seq2seq.models.rnn import Dropout, make_rnn, rnn_step, run_rnn, select_rows
+from seq2seq.models.rnn import Dropout, make_rnn, rnn_step, run_rnn, select_rows, tanh
 from seq2seq.tokenizer import PAD
 
 
@@ -64,7 +64,7 @@ class Translator(nn.Module):
     # -- decoder ---------------------------------------------------------------------------
     def _attend(self, dec_out: torch.Tensor, state: dict) -> tuple[torch.Tensor, torch.Tensor]:
         context, weights = self.attention(dec_out, state["keys"], state["memory"], state["mask"])
-        return torch.tanh(self.combine(torch.cat([context, dec_out], dim=-1))), weights
+        return tanh(self.combine(torch.cat([context, dec_out], dim=-1))), weights
 
     def step(self, tokens: torch.Tensor, state: dict) -> tuple[torch.Tensor, dict]:
         """One decoder step for tokens (B,) -> logits (B, V) and the next state."""
