@@ -117,7 +117,7 @@ def parser() -> argparse.ArgumentParser:
 def add_decoding_args(p: argparse.ArgumentParser, beam_default: int | None = 5) -> None:
     p.add_argument("--beam", type=positive_int, default=beam_default,
                    help="beam size, 1 = greedy (default: 5 for translation, greedy for continuations)")
-    p.add_argument("--batch-size", type=positive_int, help="sentences decoded together (default 320 / beam)")
+    p.add_argument("--batch-size", type=positive_int, help="sentences decoded together (default 320, at most 1600 / beam)")
     p.add_argument("--max-len-ratio", type=float, default=2.0, help="output at most R x source length + 10 tokens")
     p.add_argument("--length-penalty", type=float, default=1.0, help="scores divided by length ** this")
     add_precision_arg(p)

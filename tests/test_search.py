@@ -174,6 +174,32 @@ def test_packed_weights_decode_as_the_plain_step_and_are_released_after():
 
 
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="packed weights need oneDNN (mkldnn)")
+def test_packed_bidirectional_lstm_equals_the_module_over_a_packed_batch():
+    """A bidirectional LSTM packed for decoding reads a packed, unsorted batch as nn.LSTM does:
+    outputs of every step and both directions' final states, for each layer, in fp32; in int8
+    within 2% (relative, in norm)."""
+    from torch.nn.utils.rnn import pack_padded_sequence
+
+    from seq2seq.models.rnn import packed_for_decoding, run_rnn
+
+    torch.manual_seed(27)
+    lstm = torch.nn.LSTM(12, 16, num_layers=2, bidirectional=True, batch_first=True).eval()
+    x = torch.randn(5, 7, 12)
+    packed = pack_padded_sequence(x, torch.tensor([3, 7, 1, 5, 7]), batch_first=True, enforce_sorted=False)
+    with torch.no_grad():
+        expected, (h, c) = lstm(packed)
+        for dtype, int8, tolerance in ((torch.float32, False, 1e-5), (torch.float32, True, 0.02)):
+            with packed_for_decoding(lstm, dtype, int8):
+                out, (our_h, our_c) = run_rnn(lstm, packed)
+            for ours, theirs in ((out.data, expected.data), (our_h, h), (our_c, c)):
+                if int8:
+                    assert float((ours - theirs).norm() / theirs.norm()) < tolerance
+                else:
+                    assert torch.allclose(ours, theirs, atol=tolerance)
+            assert torch.equal(out.batch_sizes, expected.batch_sizes)
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="packed weights need oneDNN (mkldnn)")
 def test_packed_weights_are_kept_between_regions_until_the_weights_change():
     """A second decoding region reuses the first one's packed weights; a fused AdamW step, which
     changes the weights in place without bumping their version counters, makes the next region
