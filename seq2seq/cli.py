@@ -9,10 +9,23 @@ import sys
 import time
 from pathlib import Path
 
-from seq2seq.config import Config, apply_overrides, default_data_dir, load_preset, preset_names
+from seq2seq.config import Config, anchor_user_paths, apply_overrides, default_data_dir, load_preset, preset_names
+from seq2seq.device import DEVICES, PRECISIONS
 from seq2seq.errors import Interrupted, UserError
+from seq2seq.fast import configure_process
+from seq2seq.limits import LIMITS, check_limits
 
 log = logging.getLogger("seq2seq")
+
+
+def bounded_int(low: int, high: int):
+    """An argparse type: an integer from `low` to `high`."""
+    def parse(text: str) -> int:
+        value = int(text)
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be between {low} and {high:,}, got {value:,}")
+        return value
+    return parse
 
 
 def positive_int(text: str) -> int:
@@ -46,15 +59,28 @@ def nonnegative_float(text: str) -> float:
 def parser() -> argparse.ArgumentParser:
     top = Parser(prog="seq2seq", description="Recurrent sequence models: translation and character LMs.")
     sub = top.add_subparsers(dest="command", required=True)
+    add_train_parser(sub)
+    add_translate_parser(sub)
+    add_generate_parser(sub)
+    add_evaluate_parser(sub)
+    p = sub.add_parser("plot", help="draw a training run's curves from its metrics.jsonl (needs matplotlib)")
+    p.add_argument("run", type=Path, help="the run's folder (--output of train)")
+    p.add_argument("-o", "--output", type=Path, help="PNG to write (default RUN/curves.png)")
+    return top
 
+
+def add_train_parser(sub) -> None:
     p = sub.add_parser("train", help="train a translator or a character language model",
                        epilog="A translator's training pairs are tokenized once into a cache under $SEQ2SEQ_CACHE "
                               "(default ~/.cache/seq2seq) that later runs on the same data reuse.")
     p.add_argument("kind", choices=["translator", "charlm"])
     p.add_argument("--preset", help=f"a shipped preset ({', '.join(preset_names())}) or a TOML file")
-    p.add_argument("--data-dir", type=Path, help="where preset data paths start (default $SEQ2SEQ_DATA, else ../shared/data)")
+    p.add_argument("--data-dir", type=Path,
+                   help="the folder a preset's corpus names are read from (default $SEQ2SEQ_DATA, else ./data); "
+                        "paths given with --set are read from the current folder")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config value")
-    p.add_argument("--time-budget", type=float, metavar="MINUTES", help="stop cleanly after this much wall clock")
+    p.add_argument("--time-budget", type=float, metavar="MINUTES",
+                   help="plan the run to end, annealed, when this much wall clock is spent")
     p.add_argument("--output", type=Path, help="model folder (default checkpoints/PRESET)")
     p.add_argument("--resume", action="store_true", help="continue the run saved in --output")
     p.add_argument("--init-from", type=Path, metavar="MODEL",
@@ -64,33 +90,45 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-bad-lines", action="store_true",
                    help="translator: skip TSV lines that are not source<TAB>target (counted in the log) instead of stopping")
 
+
+def add_translate_parser(sub) -> None:
     p = sub.add_parser("translate", help="translate sentences (arguments, -i FILE, or standard input)")
     p.add_argument("-m", "--model", type=Path, help="model folder (default: the released translator, checkpoints/en-fr)")
     p.add_argument("text", nargs="*", help="sentences to translate")
     p.add_argument("-i", "--input", type=Path, help="one sentence per line")
     p.add_argument("-o", "--output", type=Path, help="write here instead of standard output")
     add_decoding_args(p)
-    p.add_argument("--nbest", type=positive_int, default=1, help="hypotheses per input (one line each)")
+    p.add_argument("--nbest", type=bounded_int(1, LIMITS["nbest"]), default=1,
+                   help="hypotheses per input (one line each; at most --beam)")
     p.add_argument("--scores", action="store_true",
                    help="TSV lines: input number, score, translation (score: log-probability, divided by "
                         "length ** length-penalty when --beam > 1)")
     p.add_argument("--attention-png", type=Path, metavar="PNG",
                    help="also draw the attention weights of the first sentence's translation (needs matplotlib)")
 
+
+def add_generate_parser(sub) -> None:
     p = sub.add_parser("generate", help="generate text from a prompt with a character model")
     p.add_argument("-m", "--model", type=Path,
                    help="model folder (default: the released character model, checkpoints/shakespeare)")
-    p.add_argument("--prompt", default="")
-    p.add_argument("--max-chars", type=positive_int, default=400)
-    p.add_argument("--temperature", type=nonnegative_float, default=1.0, help="0 = greedy")
-    p.add_argument("--top-k", type=nonnegative_int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--num-samples", type=positive_int, default=1)
-    p.add_argument("--beam", type=nonnegative_int, default=0, help="beam search (length-normalised) instead of sampling")
-    p.add_argument("--length-penalty", type=float, default=1.0)
-    p.add_argument("--seed", type=int)
+    p.add_argument("--prompt", default="", help="text to continue (default: none, as after a line break)")
+    p.add_argument("--max-chars", type=bounded_int(1, LIMITS["max_chars"]), default=400,
+                   help=f"characters to generate (default 400, at most {LIMITS['max_chars']:,})")
+    p.add_argument("--temperature", type=nonnegative_float, default=1.0, help="sampling temperature (default 1; 0 = greedy)")
+    p.add_argument("--top-k", type=bounded_int(0, LIMITS["top_k"]), default=0,
+                   help="sample among the k likeliest characters only (default 0: all)")
+    p.add_argument("--top-p", type=float, default=1.0,
+                   help="sample among the likeliest characters holding this much probability (default 1: all)")
+    p.add_argument("--num-samples", type=bounded_int(1, LIMITS["num_samples"]), default=1,
+                   help="independent continuations, separated by --- lines (default 1, streamed as it comes)")
+    p.add_argument("--beam", type=bounded_int(0, LIMITS["beam"]), default=0,
+                   help="beam search (length-normalised) instead of sampling (default 0: sample)")
+    p.add_argument("--length-penalty", type=float, default=1.0, help="beam scores divided by length ** this")
+    p.add_argument("--seed", type=int, help="random seed: the same seed repeats a sample (default: a fresh one)")
     add_precision_arg(p)
 
+
+def add_evaluate_parser(sub) -> None:
     p = sub.add_parser("evaluate", help="BLEU/chrF of a translator; bits/char or continuation BLEU of a character model")
     p.add_argument("-m", "--model", type=Path, help="model folder (default: the released model of the kind the "
                    "inputs ask for: checkpoints/en-fr for --src/--ref or --tsv, checkpoints/shakespeare for --text)")
@@ -100,55 +138,51 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-bad-lines", action="store_true", help="--tsv: skip lines that are not source<TAB>reference")
     p.add_argument("--hyp-output", type=Path, help="translator: also write the translations here")
     add_decoding_args(p, beam_default=None)
-    p.add_argument("--text", type=Path, help="character model: held-out text")
+    p.add_argument("--text", type=Path, help="character model: held-out text (scored in fp32 unless --precision "
+                   "names another)")
     p.add_argument("--continuations", type=nonnegative_int, default=0, help="score N generated continuations")
     p.add_argument("--prompt-chars", type=positive_int, default=100)
-    p.add_argument("--max-chars", type=positive_int, default=100)
+    p.add_argument("--max-chars", type=bounded_int(1, LIMITS["max_chars"]), default=100)
     p.add_argument("--temperature", type=nonnegative_float, default=0.0, help="continuations: 0 = greedy")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
-    p = sub.add_parser("plot", help="draw a training run's curves from its metrics.jsonl (needs matplotlib)")
-    p.add_argument("run", type=Path, help="the run's folder (--output of train)")
-    p.add_argument("-o", "--output", type=Path, help="PNG to write (default RUN/curves.png)")
-    return top
-
 
 def add_decoding_args(p: argparse.ArgumentParser, beam_default: int | None = 5) -> None:
-    p.add_argument("--beam", type=positive_int, default=beam_default,
-                   help="beam size, 1 = greedy (default: 5 for translation, greedy for continuations)")
-    p.add_argument("--batch-size", type=positive_int, help="sentences decoded together (default 320, at most 1600 / beam)")
-    p.add_argument("--max-len-ratio", type=float, default=2.0, help="output at most R x source length + 10 tokens")
+    p.add_argument("--beam", type=bounded_int(1, LIMITS["beam"]), default=beam_default,
+                   help=f"beam size, 1 = greedy (default: 5 for translation, greedy for continuations; at most "
+                        f"{LIMITS['beam']})")
+    p.add_argument("--batch-size", type=bounded_int(1, LIMITS["batch_size"]),
+                   help=f"sentences decoded together (default 320, at most 1600 / beam; batch size x beam at most "
+                        f"{LIMITS['rows']:,})")
+    p.add_argument("--max-len-ratio", type=float, default=2.0,
+                   help=f"output at most R x source length + 10 tokens (0 < R <= {LIMITS['max_len_ratio']:g})")
     p.add_argument("--length-penalty", type=float, default=1.0, help="scores divided by length ** this")
     add_precision_arg(p)
 
 
 def add_device_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+    p.add_argument("--device", choices=DEVICES, default="auto",
                    help="where to run: auto (the GPU where CUDA is present, else the CPU), cpu or cuda")
 
 
 def add_precision_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--precision", choices=["auto", "bf16", "fp32", "int8"], default="auto",
+    p.add_argument("--precision", choices=PRECISIONS, default="auto",
                    help="decoding arithmetic; auto: bf16 where the device computes it natively (AVX-512 BF16 or "
                         "AMX CPUs, Ampere and later GPUs), else fp32, and for translation the linear layers in "
                         "int8 on CPUs with VNNI or AMX; int8 (CPU): the linear layers in int8, the rest as auto")
     add_device_arg(p)
 
 
-def precision(args) -> dict:
-    """--precision as the decoding functions' bf16 and int8 arguments."""
-    if args.precision == "int8":
-        from seq2seq.device import resolve as resolve_device
-        from seq2seq.cpu import int8_available
-        if resolve_device(args.device).type != "cpu" or not int8_available():
-            raise UserError("--precision int8 needs a CPU with PyTorch's oneDNN quantized engine")
-    return {"bf16": {"bf16": True, "fp32": False}.get(args.precision),
-            "int8": {"auto": None, "int8": True}.get(args.precision, False)}
+def precision(args, kind: str):
+    """--precision and --device as the one `Precision` this command decodes in."""
+    from seq2seq.device import resolve, resolve_precision
+
+    return resolve_precision(args.precision, resolve(args.device), kind)
 
 
 def cmd_train(args) -> None:
-    from seq2seq.train import train
+    from seq2seq.training import train
 
     if args.resume:
         if not args.output:
@@ -168,6 +202,7 @@ def cmd_train(args) -> None:
         if args.skip_bad_lines and args.kind != "translator":
             raise UserError("--skip-bad-lines is for a translator's TSV corpora; a character model reads plain text")
         cfg = load_preset(args.preset, args.kind, overrides)
+        anchor_user_paths(cfg, args.set)
     if cfg.kind != args.kind:
         raise UserError(f"{args.output} holds a {cfg.kind} model, not a {args.kind}")
     if args.init_from:
@@ -195,7 +230,7 @@ def init_model_settings(args, kind: str):
 
 
 def read_inputs(args) -> list[str]:
-    from seq2seq.data import read_lines
+    from seq2seq.data import decode_line, read_lines
 
     if args.text and args.input:
         raise UserError("give sentences as arguments or with -i, not both")
@@ -203,16 +238,7 @@ def read_inputs(args) -> list[str]:
         return list(args.text)
     if args.input:
         return read_lines(args.input)
-    data = sys.stdin.buffer.read()
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = data.count(b"\n", 0, e.start) + 1
-        column = e.start - data.rfind(b"\n", 0, e.start)
-        raise UserError(f"<stdin>:{line}: invalid UTF-8 (byte 0x{data[e.start]:02x} at column {column})") from None
-    if not text:
-        return []
-    return [line.removesuffix("\r") for line in text.split("\n")[: -1 if text.endswith("\n") else None]]
+    return [decode_line(raw, "<stdin>", number) for number, raw in enumerate(sys.stdin.buffer, 1)]
 
 
 def write_output(lines: list[str], path: Path | None) -> None:
@@ -263,6 +289,7 @@ def cmd_translate(args) -> None:
 
     if args.nbest > args.beam:
         raise UserError(f"--nbest {args.nbest} needs --beam of at least {args.nbest}")
+    check_limits(beam=args.beam, nbest=args.nbest, batch_size=args.batch_size, max_len_ratio=args.max_len_ratio)
     check_outputs(args.output, args.attention_png)
     if args.attention_png:
         from seq2seq.plots import require_matplotlib
@@ -273,7 +300,7 @@ def cmd_translate(args) -> None:
         raise UserError("--attention-png draws the first sentence's attention, and there is none")
     results = translate(model, tokenizer, lines, beam=args.beam, nbest=args.nbest, batch_size=args.batch_size,
                         max_len_ratio=args.max_len_ratio, length_penalty=args.length_penalty,
-                        progress=len(lines) > 1000, **precision(args))
+                        progress=len(lines) > 1000, precision=precision(args, "translator"))
     out = []
     for number, hyps in enumerate(results):
         for text, score in hyps:
@@ -288,7 +315,8 @@ def draw_attention(model, tokenizer, lines: list[str], args) -> None:
     from seq2seq.plots import attention
 
     weights, source, target = attention_map(model, tokenizer, lines[0], beam=args.beam, max_len_ratio=args.max_len_ratio,
-                                            length_penalty=args.length_penalty, **precision(args))
+                                            length_penalty=args.length_penalty,
+                                            precision=precision(args, "translator"))
     attention(weights.numpy(), source, target, args.attention_png)
     print(f"seq2seq: attention of {lines[0][:40]!r} drawn in {args.attention_png}", file=sys.stderr)
 
@@ -308,6 +336,7 @@ def cmd_generate(args) -> None:
         raise UserError(f"--top-p must be in (0, 1], got {args.top_p}")
     if args.beam and args.num_samples > 1:
         raise UserError("--beam gives one best continuation: drop --num-samples, or sample without --beam")
+    check_limits(max_chars=args.max_chars, num_samples=args.num_samples)
     _, model, vocab = load_kind(args.model, "charlm", args.device)
     if args.prompt and all(c not in vocab.index for c in args.prompt):
         raise UserError(f"--prompt {args.prompt[:40]!r}: the model has seen none of its characters; "
@@ -327,7 +356,7 @@ def cmd_generate(args) -> None:
     texts = generate(model, vocab, [args.prompt] * args.num_samples, args.max_chars,
                      temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, beam=args.beam,
                      length_penalty=args.length_penalty, seed=args.seed, on_text=on_text if stream else None,
-                     **precision(args))
+                     precision=precision(args, "charlm"))
     if stream:
         sys.stdout.write("\n")
         return
@@ -357,7 +386,7 @@ def cmd_evaluate(args) -> None:
 
 def evaluate_translator(args, model, tokenizer) -> dict:
     from seq2seq.data import read_parallel_files, read_tsv
-    from seq2seq.inference import decoding_bf16, decoding_int8, translate
+    from seq2seq.inference import translate
     from seq2seq.metrics import bleu_chrf
 
     if args.tsv and (args.src or args.ref):
@@ -371,18 +400,16 @@ def evaluate_translator(args, model, tokenizer) -> dict:
     if not pairs:
         raise UserError(f"{args.tsv or args.src}: no sentence pairs to evaluate")
     started = time.perf_counter()
-    beam, choice = args.beam or 5, precision(args)
+    beam, choice = args.beam or 5, precision(args, "translator")
     hyps = translate(model, tokenizer, [s for s, _ in pairs], beam=beam, batch_size=args.batch_size,
                      max_len_ratio=args.max_len_ratio, length_penalty=args.length_penalty, progress=True,
-                     **choice)
+                     precision=choice)
     seconds = time.perf_counter() - started
     texts = [h[0][0] for h in hyps]
     if args.hyp_output:
         write_output(texts, args.hyp_output)
     result = bleu_chrf(texts, [r for _, r in pairs])
-    device = model.embed.weight.device
-    int8, bf16 = decoding_int8(choice["int8"], choice["bf16"], device), decoding_bf16(choice["bf16"], device)
-    result.update(beam=beam, precision="int8" if int8 else "bf16" if bf16 else "fp32",
+    result.update(beam=beam, precision=choice.name,
                   sentences_per_s=round(len(texts) / max(seconds, 1e-9), 1))
     return result
 
@@ -399,15 +426,19 @@ def evaluate_charlm(args, model, vocab) -> dict:
     text = read_text(args.text)
     if len(text) < 2:
         raise UserError(f"{args.text}: no text to score")
-    if not args.continuations:
+    if not args.continuations:  # auto scores in fp32: the reference number
         ids = torch.tensor(vocab.encode(text, warn=True), dtype=torch.long)
-        return {k: round(v, 4) if isinstance(v, float) else v for k, v in score_text(model, ids).items()}
+        choice = None if args.precision == "auto" else precision(args, "charlm")
+        scores = score_text(model, ids, precision=choice)
+        return {**{k: round(v, 4) if isinstance(v, float) else v for k, v in scores.items()},
+                "precision": "fp32" if choice is None else choice.name}
     try:
         passages = continuation_passages(text, args.continuations, args.prompt_chars, args.max_chars)
     except ValueError as e:
         raise UserError(f"{args.text}: {e}") from None
     hyps = generate(model, vocab, [prompt for prompt, _ in passages], args.max_chars, temperature=args.temperature,
-                    beam=args.beam if args.beam and args.beam > 1 else 0, seed=args.seed, **precision(args))
+                    beam=args.beam if args.beam and args.beam > 1 else 0, seed=args.seed,
+                    precision=precision(args, "charlm"))
     flat = lambda s: " ".join(s.split())  # noqa: E731  sacreBLEU scores lines: fold line breaks
     result = bleu_chrf([flat(h) for h in hyps], [flat(ref) for _, ref in passages])
     result.update(continuations=len(passages), prompt_chars=args.prompt_chars, max_chars=args.max_chars)
@@ -431,13 +462,16 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(argv: list[str] | None = None) -> int:
+    configure_process()  # before PyTorch's first oneDNN call reads its settings
     args = parser().parse_args(argv)
     logging.basicConfig(level=os.environ.get("SEQ2SEQ_LOG", "INFO"), format="%(asctime)s %(message)s",
                         datefmt="%H:%M:%S", stream=sys.stderr)
-    from seq2seq.cpu import tune_allocator
-    tune_allocator()
     try:
         COMMANDS[args.command](args)
+        sys.stdout.flush()  # here, so that a closed pipe is caught below and not at exit
+    except BrokenPipeError:  # the reader has gone (`| head`): nothing more to say to it
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except UserError as e:
         print(f"seq2seq: error: {e}", file=sys.stderr)
         return 2
@@ -451,8 +485,6 @@ def run(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("seq2seq: interrupted", file=sys.stderr)
         return 130
-    except BrokenPipeError:
-        return 0
     return 0
 
 

@@ -260,4 +260,27 @@ def _parse_value(text: str):
 
 
 def default_data_dir() -> Path:
-    return Path(os.environ.get("SEQ2SEQ_DATA", "../shared/data"))
+    """Where a preset's corpus names are read from: $SEQ2SEQ_DATA, else `data` in the current folder."""
+    return Path(os.environ.get("SEQ2SEQ_DATA", "data"))
+
+
+USER_PATH_KEYS = ("data.train", "data.dev", "data.test", "data.text", "data.hf_data_files")
+
+
+def anchor_user_paths(cfg: Config, overrides: list[str], cwd: Path | None = None) -> None:
+    """Make the corpus paths a user typed with --set absolute against the current folder, so that
+    they are not read from the data folder as a preset's names are (a Hugging Face split name
+    stays a name)."""
+    cwd = Path.cwd() if cwd is None else cwd
+    for item in overrides:
+        key = item.partition("=")[0].strip()
+        if key not in USER_PATH_KEYS:
+            continue
+        leaf = key.split(".", 1)[1]
+        value = getattr(cfg.data, leaf)
+        if isinstance(value, list):
+            for corpus in value:
+                if corpus.get("format", getattr(cfg.data, "format", "")) != "hf":
+                    corpus["path"] = str(cwd / corpus["path"])
+        elif value and (leaf in ("text", "hf_data_files") or cfg.data.format != "hf"):
+            setattr(cfg.data, leaf, str(cwd / value))

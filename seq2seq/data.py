@@ -29,11 +29,17 @@ def iter_lines(path: str | Path) -> Iterator[str]:
         raise UserError(f"{path}: is a directory, expected a text file") from None
     with handle:
         for number, raw in enumerate(handle, 1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise UserError(f"{path}:{number}: invalid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})") from None
-            yield line.removesuffix("\n").removesuffix("\r")
+            yield decode_line(raw, path, number)
+
+
+def decode_line(raw: bytes, where, number: int) -> str:
+    """Line `number` of `where` from UTF-8, without its line end; invalid UTF-8 is an error naming
+    the line and column."""
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{where}:{number}: invalid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})") from None
+    return line.removesuffix("\n").removesuffix("\r")
 
 
 def read_lines(path: str | Path) -> list[str]:
@@ -127,8 +133,19 @@ def _field(row: dict, dotted: str, source: str, index: int) -> str:
 
 
 def resolve(data_dir: Path, name: str) -> Path:
+    """A corpus name of a config: an absolute path as it is (paths a user types on the command line
+    are made absolute there), a preset's relative name read from the data folder."""
     path = Path(name)
     return path if path.is_absolute() else Path(data_dir) / path
+
+
+def corpus_file(data_dir: Path, name: str, suffix: str = "") -> Path:
+    """`resolve`, and a missing preset corpus (`name` + `suffix`) an error that says where it looked."""
+    path = resolve(data_dir, name)
+    if not Path(f"{path}{suffix}").exists() and not Path(name).is_absolute():
+        raise UserError(f"{path}{suffix}: file not found; a preset's corpus names are read from the data folder "
+                        f"{Path(data_dir).resolve()} (set it with --data-dir or $SEQ2SEQ_DATA)")
+    return path
 
 
 def load_pairs(cfg: TranslatorData, data_dir: Path, split: str) -> list[tuple[str, str]]:
@@ -178,9 +195,9 @@ def iter_corpus(cfg: TranslatorData, data_dir: Path, name: str, fmt: str) -> Ite
     if fmt == "hf":
         return iter_hf(cfg, name, data_dir)
     if fmt == "tsv":
-        return iter_tsv(resolve(data_dir, name), cfg.skip_bad_lines)
+        return iter_tsv(corpus_file(data_dir, name), cfg.skip_bad_lines)
     if fmt == "parallel":
-        return iter_parallel(resolve(data_dir, name), cfg.src_lang, cfg.tgt_lang)
+        return iter_parallel(corpus_file(data_dir, name, f".{cfg.src_lang}"), cfg.src_lang, cfg.tgt_lang)
     raise UserError(f"data.format must be parallel, tsv or hf, got {fmt!r}")
 
 

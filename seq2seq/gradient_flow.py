@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from seq2seq.config import CharLMModel
-from seq2seq.models.rnn import make_rnn, rnn_step
+from seq2seq.models.rnn import make_rnn
 
 
 def recall_batch(length: int, batch: int, symbols: int, distractors: int,
@@ -52,7 +52,7 @@ class RecallModel(nn.Module):
         zeros = emb.new_zeros(1, x.size(0), model.rnn.hidden_size)
         hidden, states = ((zeros, zeros) if isinstance(model.rnn, nn.LSTM) else zeros), []
         for t in range(x.size(1)):
-            out, hidden = rnn_step(model.rnn, emb[:, t], hidden)
+            out, hidden = model.rnn.step(emb[:, t], hidden)
             out.retain_grad()
             states.append(out)
         loss = nn.functional.cross_entropy(model.out(states[-1]), y)

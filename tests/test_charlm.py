@@ -96,7 +96,7 @@ def test_one_step_decoding_equals_the_sequence_pass(cell):
 
 def test_each_epoch_cuts_the_streams_at_its_own_offset_and_ranks_split_them():
     from seq2seq.config import load_preset
-    from seq2seq.train import CharLMTask
+    from seq2seq.training.tasks import CharLMTask
 
     task = CharLMTask(load_preset("tiny-charlm", "charlm"), SAMPLE_DIR)
     text = task.train_ids.tolist()

@@ -181,16 +181,19 @@ def test_resume_keeps_data_dir_and_new_train_settings(tmp_path):
 def test_fine_tuning_starts_from_a_models_weights_and_tokenizer(tiny_model, tmp_path):
     from seq2seq import checkpoint
     from seq2seq.config import load_preset
-    from seq2seq.train import Trainer
+    from seq2seq.distributed import Cluster
+    from seq2seq.training import build_task
+    from seq2seq.training.run_folder import RunFolder
 
     # a preset asking for other sizes still builds the folder's model, from its weights
     init_cfg, init_model, _ = checkpoint.load(tiny_model)
     cfg = load_preset("tiny-en-fr", "translator", ["model.dec_hidden=8"])
     cfg.model = init_cfg.model
-    trainer = Trainer(cfg, SAMPLE_DIR, tmp_path / "tuned", None, False, "cpu", init_from=tiny_model)
-    trainer.metrics_log.close()
+    folder = RunFolder(tmp_path / "tuned")
+    folder.check(resume=False)
+    task = build_task(cfg, SAMPLE_DIR, Cluster(), folder, False, tiny_model)
     saved = init_model.state_dict()
-    for name, tensor in trainer.model.state_dict().items():
+    for name, tensor in task.model.state_dict().items():
         assert torch.equal(tensor, saved[name]), name
     assert (tmp_path / "tuned" / "spm.model").read_bytes() == (tiny_model / "spm.model").read_bytes()
 

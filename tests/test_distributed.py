@@ -11,7 +11,8 @@ from safetensors.torch import load_file
 from seq2seq import checkpoint
 from seq2seq.config import load_preset
 from seq2seq.tokenizer import SubwordTokenizer
-from seq2seq.train import TASKS, TranslationTask, train
+from seq2seq.training import train
+from seq2seq.training.tasks import TASKS, TranslationTask
 from conftest import SAMPLE_DIR
 
 SETTINGS = ["train.batch_tokens=150", "train.eval_every=10", "train.log_every=1", "model.dropout=0.0"]

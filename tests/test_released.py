@@ -9,7 +9,7 @@ import torch
 from seq2seq import checkpoint
 from seq2seq.inference import generate, score_text, translate
 from seq2seq.metrics import bleu_chrf
-from seq2seq.cpu import int8_available
+from seq2seq.device import Precision, int8_available
 from conftest import ROOT, run_cli, shared_corpus
 
 TRANSLATOR, CHARLM = ROOT / "checkpoints" / "en-fr", ROOT / "checkpoints" / "shakespeare"
@@ -51,8 +51,8 @@ def test_released_translator_in_int8_translates_as_in_fp32():
     _, model, tokenizer = checkpoint.load(TRANSLATOR)
     sources = (EVERYDAY.with_suffix(".en")).read_text(encoding="utf-8").splitlines()
     refs = (EVERYDAY.with_suffix(".fr")).read_text(encoding="utf-8").splitlines()
-    fp32 = [h[0][0] for h in translate(model, tokenizer, sources, beam=5, bf16=False)]
-    int8 = [h[0][0] for h in translate(model, tokenizer, sources, beam=5, bf16=False, int8=True)]
+    fp32 = [h[0][0] for h in translate(model, tokenizer, sources, beam=5, precision="fp32")]
+    int8 = [h[0][0] for h in translate(model, tokenizer, sources, beam=5, precision=Precision(bf16=False, int8=True))]
     assert sum(a == b for a, b in zip(fp32, int8)) >= 0.8 * len(sources)
     assert abs(bleu_chrf(int8, refs)["bleu"] - bleu_chrf(fp32, refs)["bleu"]) <= 2.0
     result = run_cli("evaluate", "--src", EVERYDAY.with_suffix(".en"), "--ref", EVERYDAY.with_suffix(".fr"),

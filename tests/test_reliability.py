@@ -19,7 +19,9 @@ from safetensors.torch import load_file
 from seq2seq import checkpoint
 from seq2seq.config import load_preset
 from seq2seq.errors import UserError
-from seq2seq.train import MAX_NONFINITE_IN_ROW, TASKS, train
+from seq2seq.training import train
+from seq2seq.training.tasks import TASKS
+from seq2seq.training.trainer import MAX_NONFINITE_IN_ROW
 from conftest import ROOT, SAMPLE_DIR, run_cli, train_tiny, write_tsv_preset
 
 

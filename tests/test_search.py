@@ -3,7 +3,6 @@ import pytest
 import torch
 
 from seq2seq import search
-from seq2seq.cpu import int8_available
 from conftest import random_batch, small_charlm, small_translator
 
 BOS, EOS = 2, 3
@@ -147,86 +146,6 @@ def test_greedy_scores_are_summed_log_probs_up_to_eos():
         assert abs(total - hyp.score) < 1e-4
 
 
-@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="packed weights need oneDNN (mkldnn)")
-def test_packed_weights_decode_as_the_plain_step_and_are_released_after():
-    """Decoding packs the linear layers' and one-way LSTMs' weights once; in fp32 the packed step
-    computes the plain step's logits, and greedy and beam search find the same outputs."""
-    from seq2seq.models.rnn import packed_for_decoding
-
-    charlm = small_charlm(seed=21).eval()
-    prompt = torch.randint(1, 20, (4, 6), generator=torch.Generator().manual_seed(22))
-    translator = small_translator(seed=23).eval()
-    src, src_len = random_batch(seed=24, batch=7)
-    with torch.no_grad():
-        plain_logits, plain_state = charlm.step(prompt[:, -1], charlm.start(prompt))
-        plain_greedy = search.greedy(charlm, charlm.start(prompt), prompt[:, -1], 20)
-        plain_beam = search.beam_search(translator, *translator_start(translator, src, src_len), beam_size=3, eos=EOS)
-        with packed_for_decoding(charlm, torch.float32), packed_for_decoding(translator, torch.float32):
-            assert charlm.rnn.packed_layers and "forward" in vars(charlm.out)
-            logits, state = charlm.step(prompt[:, -1], charlm.start(prompt))
-            greedy = search.greedy(charlm, charlm.start(prompt), prompt[:, -1], 20)
-            beam = search.beam_search(translator, *translator_start(translator, src, src_len), beam_size=3, eos=EOS)
-    assert torch.allclose(logits, plain_logits, atol=1e-5)
-    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(state["hidden"], plain_state["hidden"]))
-    assert [h.tokens for h in greedy] == [h.tokens for h in plain_greedy]
-    assert [[h.tokens for h in hyps] for hyps in beam] == [[h.tokens for h in hyps] for hyps in plain_beam]
-    assert not hasattr(charlm.rnn, "packed_layers") and "forward" not in vars(charlm.out)
-
-
-@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="packed weights need oneDNN (mkldnn)")
-def test_packed_bidirectional_lstm_equals_the_module_over_a_packed_batch():
-    """A bidirectional LSTM packed for decoding reads a packed, unsorted batch as nn.LSTM does:
-    outputs of every step and both directions' final states, for each layer, in fp32; in int8
-    within 2% (relative, in norm)."""
-    from torch.nn.utils.rnn import pack_padded_sequence
-
-    from seq2seq.models.rnn import packed_for_decoding, run_rnn
-
-    torch.manual_seed(27)
-    lstm = torch.nn.LSTM(12, 16, num_layers=2, bidirectional=True, batch_first=True).eval()
-    x = torch.randn(5, 7, 12)
-    packed = pack_padded_sequence(x, torch.tensor([3, 7, 1, 5, 7]), batch_first=True, enforce_sorted=False)
-    with torch.no_grad():
-        expected, (h, c) = lstm(packed)
-        for dtype, int8, tolerance in ((torch.float32, False, 1e-5), (torch.float32, True, 0.02)):
-            with packed_for_decoding(lstm, dtype, int8):
-                out, (our_h, our_c) = run_rnn(lstm, packed)
-            for ours, theirs in ((out.data, expected.data), (our_h, h), (our_c, c)):
-                if int8:
-                    assert float((ours - theirs).norm() / theirs.norm()) < tolerance
-                else:
-                    assert torch.allclose(ours, theirs, atol=tolerance)
-            assert torch.equal(out.batch_sizes, expected.batch_sizes)
-
-
-@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="packed weights need oneDNN (mkldnn)")
-def test_packed_weights_are_kept_between_regions_until_the_weights_change():
-    """A second decoding region reuses the first one's packed weights; a fused AdamW step, which
-    changes the weights in place without bumping their version counters, makes the next region
-    pack them again, and its step computes with the new weights."""
-    from seq2seq.models.rnn import packed_for_decoding
-
-    model = small_charlm(seed=25).eval()
-    prompt = torch.randint(1, 20, (3, 5), generator=torch.Generator().manual_seed(26))
-    with torch.no_grad(), packed_for_decoding(model, torch.float32):
-        first_out, first_layers = vars(model.out)["forward"], model.rnn.packed_layers
-    with torch.no_grad(), packed_for_decoding(model, torch.float32):
-        assert vars(model.out)["forward"] is first_out and model.rnn.packed_layers is first_layers
-    with torch.no_grad(), packed_for_decoding(model, torch.bfloat16):
-        assert vars(model.out)["forward"] is not first_out  # another dtype, another packing
-    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1, fused=True)
-    model.train()
-    model(prompt)[0].sum().backward()
-    optimizer.step()
-    model.eval()
-    with torch.no_grad():
-        plain, _ = model.step(prompt[:, -1], model.start(prompt))
-        with packed_for_decoding(model, torch.float32):
-            assert vars(model.out)["forward"] is not first_out and model.rnn.packed_layers is not first_layers
-            packed, _ = model.step(prompt[:, -1], model.start(prompt))
-    assert torch.allclose(packed, plain, atol=1e-5)
-
-
 @pytest.mark.parametrize("vocab", [8000, 2400, 8002, 1031])
 def test_two_stage_argmax_and_topk_equal_torchs(vocab):
     """The group-wise reductions that greedy and beam search use over a vocabulary (8000: 64
@@ -247,31 +166,3 @@ def test_two_stage_argmax_and_topk_equal_torchs(vocab):
     some_tied[::2, [2, 65]] = 99.0  # ties in some rows only
     assert torch.equal(search._argmax(some_tied), some_tied.argmax(-1))
     assert search._argmax(x[:0]).numel() == 0
-
-
-@pytest.mark.skipif(not (torch.backends.mkldnn.is_available() and int8_available()),
-                    reason="int8 products need oneDNN's quantized engine")
-def test_int8_products_and_decoder_steps_stay_within_two_percent():
-    """Int8Linear (a scale per weight row, one per input) is within 2% (relative, in norm) of the
-    fp32 product, and so is a translator's decoder step with every linear layer and its gates in
-    int8; the layers are plain again after. (Whether int8 changes translations is measured on the
-    released model, whose choices are not near-ties as a random model's are.)"""
-    from seq2seq.models.rnn import Int8Linear, packed_for_decoding
-
-    def relative_error(a, b):
-        return float((a - b).norm() / b.norm())
-
-    g = torch.Generator().manual_seed(31)
-    weight, bias, x = torch.randn(300, 96, generator=g), torch.randn(300, generator=g), torch.randn(40, 96, generator=g)
-    assert relative_error(Int8Linear(weight, bias)(x), torch.nn.functional.linear(x, weight, bias)) < 0.02  # 1.0%
-    translator = small_translator(seed=32).eval()
-    src, src_len = random_batch(seed=33, batch=16)
-    with torch.no_grad():
-        state, first, _ = translator_start(translator, src, src_len)
-        exact, _ = translator.step(first, state)
-        with packed_for_decoding(translator, torch.float32, int8=True):
-            assert isinstance(vars(translator.out)["forward"], Int8Linear) and translator.decoder.packed_layers
-            state, first, _ = translator_start(translator, src, src_len)
-            int8, _ = translator.step(first, state)
-    assert relative_error(int8, exact) < 0.02
-    assert "forward" not in vars(translator.out) and not hasattr(translator.decoder, "packed_layers")

@@ -10,7 +10,9 @@ from safetensors.torch import load_file
 from seq2seq import checkpoint
 from seq2seq.config import Config, load_preset
 from seq2seq.errors import Interrupted
-from seq2seq.train import BUDGET_MARGIN, TASKS, plan_total_steps, train
+from seq2seq.training import timing_trainer, train
+from seq2seq.training.schedule import BUDGET_MARGIN, plan_total_steps
+from seq2seq.training.tasks import TASKS
 from conftest import SAMPLE_DIR, run_cli, shared_corpus
 
 
@@ -88,9 +90,7 @@ class FakeClock:
         return self.now
 
     def install(self, monkeypatch, kind: str) -> None:
-        import seq2seq.train as train_module
-
-        monkeypatch.setattr(train_module, "clock", self)
+        """Training steps of `kind` move this clock (pass it to `train` as its clock)."""
         original = TASKS[kind].loss
 
         def timed(task, batch, *args, **kwargs):
@@ -106,7 +106,7 @@ def budget_run(tmp_path, monkeypatch, clock: FakeClock, minutes: float, *overrid
     cfg = load_preset("tiny-charlm", "charlm", ["train.lr_schedule=cosine", "train.warmup_steps=10",
                                                 "train.eval_every=20", "train.log_every=1", *overrides])
     clock.install(monkeypatch, "charlm")
-    train(cfg, SAMPLE_DIR, tmp_path, time_budget=minutes)
+    train(cfg, SAMPLE_DIR, tmp_path, time_budget=minutes, clock=clock)
     log = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     return cfg, log
 
@@ -129,15 +129,43 @@ def test_budget_run_ends_annealed_when_the_budget_is_spent(tmp_path, monkeypatch
     assert [r for r in log if r["type"] == "eval"][-1]["step"] == plan["total_steps"]  # a final evaluation
 
 
-def test_budget_run_that_cannot_fill_its_budget_stops_at_max_epochs(tmp_path, monkeypatch):
+def test_budget_run_is_not_cut_short_by_max_epochs(tmp_path, monkeypatch):
+    """The budget owns the run's end: a max_epochs ceiling below what the budget holds does not
+    shorten the plan (it did: a 60-minute run planned 30 epochs and ended at 39 minutes)."""
     clock = FakeClock(0.5)
-    cfg, log = budget_run(tmp_path, monkeypatch, clock, 60.0, "train.max_epochs=15")
+    cfg, log = budget_run(tmp_path, monkeypatch, clock, 1.0, "train.max_epochs=2")
     (plan,) = [r for r in log if r["type"] == "plan"]
-    epoch_steps = plan["ceiling"] // 15
-    assert plan["total_steps"] == plan["ceiling"] == 15 * epoch_steps
-    assert clock.steps == plan["ceiling"]
-    assert [r for r in log if r["type"] == "train"][-1]["lr"] == pytest.approx(cfg.train.lr * cfg.train.min_lr_ratio,
-                                                                               rel=1e-3)
+    assert plan["total_steps"] == 24 + int((60 * (1 - BUDGET_MARGIN) - 12) / 0.5) == clock.steps
+    steps = [r for r in log if r["type"] == "train"]
+    assert steps[-1]["epoch"] > 2
+    assert steps[-1]["lr"] == pytest.approx(cfg.train.lr * cfg.train.min_lr_ratio, rel=1e-3)
+
+
+def test_budget_run_whose_dev_score_stalls_anneals_early_instead_of_stopping(tmp_path, monkeypatch):
+    """Patience in a budget run starts a short anneal from the learning rate reached (10% of the
+    plan) instead of stopping with it still high; the run then ends annealed at the new last step.
+    Without a budget, patience stops the run as before."""
+    scores = iter(range(100, 0, -1))  # every evaluation worse than the one before
+    monkeypatch.setattr(TASKS["charlm"], "validate", lambda task: {"valid_nats_per_char": 1.0, "score": next(scores)})
+    clock = FakeClock(0.5)
+    cfg, log = budget_run(tmp_path, monkeypatch, clock, 1.0, "train.max_epochs=100000", "train.patience=2")
+    (plan,) = [r for r in log if r["type"] == "plan"]
+    (early,) = [r for r in log if r["type"] == "replan" and r.get("reason") == "patience"]
+    assert early["was"] == plan["total_steps"] and early["total_steps"] == early["step"] + round(0.1 * plan["total_steps"])
+    steps = [r for r in log if r["type"] == "train"]
+    assert steps[-1]["step"] == early["total_steps"] == clock.steps
+    at_early = next(r["lr"] for r in steps if r["step"] == early["step"])
+    assert steps[-1]["lr"] == pytest.approx(cfg.train.lr * cfg.train.min_lr_ratio, rel=1e-3)
+    after = [r["lr"] for r in steps if r["step"] > early["step"]]
+    assert after[0] <= at_early and all(a >= b for a, b in zip(after, after[1:]))  # no jump back to the peak
+
+    monkeypatch.undo()
+    scores = iter(range(100, 0, -1))
+    monkeypatch.setattr(TASKS["charlm"], "validate", lambda task: {"valid_nats_per_char": 1.0, "score": next(scores)})
+    cfg = load_preset("tiny-charlm", "charlm", ["train.eval_every=20", "train.patience=2", "train.max_epochs=100000"])
+    best = train(cfg, SAMPLE_DIR, tmp_path / "no-budget")
+    log = [json.loads(line) for line in (tmp_path / "no-budget" / "metrics.jsonl").read_text().splitlines()]
+    assert best["step"] == 20 and [r for r in log if r["type"] == "eval"][-1]["step"] == 60
 
 
 def test_budget_run_that_overruns_stops_on_time_and_keeps_its_model(tmp_path, monkeypatch):
@@ -213,8 +241,9 @@ def test_budget_run_resumed_after_its_plan_continues_exactly(tmp_path, monkeypat
     monkeypatch.undo()
     cfg = Config.load(tmp_path / "resumed" / "config.json")
     # slower with more time, or faster: either way the plan holds (a resumed session never lengthens it)
-    FakeClock(resumed_step_s).install(monkeypatch, "charlm")
-    train(cfg, None, tmp_path / "resumed", time_budget=resumed_budget, resume=True)
+    clock = FakeClock(resumed_step_s)
+    clock.install(monkeypatch, "charlm")
+    train(cfg, None, tmp_path / "resumed", time_budget=resumed_budget, resume=True, clock=clock)
     straight = load_file(tmp_path / "straight" / checkpoint.LAST)
     resumed = load_file(tmp_path / "resumed" / checkpoint.LAST)
     for name in straight:
@@ -230,7 +259,8 @@ def test_short_end_to_end_run_on_multi30k(tmp_path):
             (tmp_path / f"{split}.{lang}").write_text("\n".join(lines) + "\n", encoding="utf-8")
     out = tmp_path / "m30k"
     result = run_cli("train", "translator", "--preset", "multi30k-en-fr", "--data-dir", tmp_path, "--output", out,
-                     "--set", "data.train='train'", "--set", "data.dev='val'", "--set", "data.vocab_size=1000",
+                     "--set", f"data.train='{tmp_path}/train'", "--set", f"data.dev='{tmp_path}/val'",
+                     "--set", "data.test='test_2016_flickr'", "--set", "data.vocab_size=1000",
                      "--set", "model.enc_layers=1", "--set", "model.dec_hidden=256", "--set", "train.max_epochs=2")
     assert result.returncode == 0, result.stderr
     log = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -241,7 +271,9 @@ def test_short_end_to_end_run_on_multi30k(tmp_path):
                      tmp_path / "test_2016_flickr.fr", "--beam", "3", "--json")
     assert scores.returncode == 0, scores.stderr
     scores = json.loads(scores.stdout)
-    assert scores["sentences"] == 100 and 0 <= scores["bleu"] <= 100 and scores["chrf"] > 5
+    assert scores["sentences"] == 100 and scores["chrf"] > 5
+    test = json.loads((out / "metrics.json").read_text())["test"]  # the preset's test split, scored at the end
+    assert test["test_sentences"] == 100 and test["test_beam"] == 5 and test["test_chrf"] > 5
     translated = run_cli("translate", "-m", out, "A man is riding a bicycle down the street.")
     assert translated.returncode == 0 and translated.stdout.count("\n") == 1
 
@@ -249,15 +281,13 @@ def test_short_end_to_end_run_on_multi30k(tmp_path):
 def test_weight_decay_is_decoupled_from_the_gradient_moments(tmp_path):
     """A weight with no gradient shrinks by lr * weight_decay a step (AdamW), not by a step of size
     lr that Adam's moments make of an L2 gradient, whatever the weight's scale."""
-    from seq2seq.train import Trainer
-
     cfg = load_preset("tiny-charlm", "charlm", ["train.weight_decay=0.1", "train.lr=0.01", "train.warmup_steps=0",
                                                 "train.lr_schedule=constant"])
-    trainer = Trainer(cfg, SAMPLE_DIR, tmp_path / "run", None, False, "cpu")
+    trainer = timing_trainer(cfg, SAMPLE_DIR)
     weight = trainer.model.embed.weight
     before = weight.detach().clone()
     for p in trainer.model.parameters():
         p.grad = torch.zeros_like(p)
     trainer.optimizer.step()
     torch.testing.assert_close(weight.detach(), before * (1 - 0.01 * 0.1))
-    trainer.metrics_log.close()
+    assert not (tmp_path / "run").exists()  # a trainer that only steps writes no run folder

@@ -117,7 +117,7 @@ def test_dropout_drops_its_share_keeps_the_mean_and_repeats_with_the_seed(p):
 @pytest.mark.parametrize("bidirectional", [False, True])
 @pytest.mark.parametrize("packed", [False, True])
 def test_layer_by_layer_rnn_equals_the_module_and_drops_between_layers(monkeypatch, cell, bidirectional, packed):
-    """run_rnn, which trains a multi-layer RNN one layer at a time with our dropout in between,
+    """Our RNN modules, which train a multi-layer RNN one layer at a time with our dropout in between,
     gives the module's outputs and final states (in the input's row order, for padded and packed
     unsorted input, with and without a start state) when that dropout keeps everything; with the
     real mask, the second layer's input loses its share and only in training."""
@@ -136,7 +136,7 @@ def test_layer_by_layer_rnn_equals_the_module_and_drops_between_layers(monkeypat
     monkeypatch.setattr(rnn_module, "keep_mask", lambda data, p: torch.ones_like(data))
     for hidden in (None, start):
         inputs = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False) if packed else x
-        out, final = rnn_module.run_rnn(rnn, inputs, hidden)
+        out, final = rnn(inputs, hidden)
         want_out, want_final = plain(inputs, hidden)
         if packed:
             out, want_out = pad_packed_sequence(out, batch_first=True)[0], pad_packed_sequence(want_out, batch_first=True)[0]
@@ -146,17 +146,17 @@ def test_layer_by_layer_rnn_equals_the_module_and_drops_between_layers(monkeypat
     monkeypatch.undo()
     seen = []
     monkeypatch.setattr(rnn_module, "keep_mask", lambda data, p: seen.append(data.shape) or torch.zeros_like(data))
-    rnn_module.run_rnn(rnn, x)
+    rnn(x)
     assert len(seen) == 2  # between the three layers
     rnn.eval()
-    assert torch.allclose(rnn_module.run_rnn(rnn, x)[0], plain.eval()(x)[0]) and len(seen) == 2
+    assert torch.allclose(rnn(x)[0], plain.eval()(x)[0]) and len(seen) == 2
 
 
 def test_sigmoid_tanh_equals_torchs_in_value_and_gradient():
     """The decoder's tanh (2 sigmoid(2x) - 1, which this CPU build computes 10x as fast) is
     torch.tanh within 2e-7 in fp32 over [-20, 20], and its gradient within 4e-7 (a few units in
     the last place of values near 1)."""
-    from seq2seq.models.rnn import tanh
+    from seq2seq.fast.kernels import sigmoid_tanh as tanh
 
     x = torch.linspace(-20, 20, 100_001, dtype=torch.float64).float().requires_grad_()
     ours, theirs = tanh(x), torch.tanh(x)
@@ -164,3 +164,24 @@ def test_sigmoid_tanh_equals_torchs_in_value_and_gradient():
     (grad_ours,) = torch.autograd.grad(ours.sum(), x)
     (grad_theirs,) = torch.autograd.grad(theirs.sum(), x)
     assert (grad_ours - grad_theirs).abs().max() < 4e-7
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
+def test_step_equals_a_one_step_call_of_the_module(cell):
+    """`step` (the cell kernels, layer by layer) gives the module's output and state for one time
+    step, from zeros and from a given state; building the modules draws no random numbers, so a
+    model initialises as a plain PyTorch module does."""
+    from torch import nn
+    from seq2seq.models import rnn as rnn_module
+
+    torch.manual_seed(0)
+    ours = rnn_module.make_rnn(cell, 6, 5, layers=2, dropout=0.3).eval()
+    torch.manual_seed(0)
+    theirs = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}[cell](6, 5, 2, batch_first=True, dropout=0.3)
+    assert all(torch.equal(a, b) for a, b in zip(ours.parameters(), theirs.parameters()))
+    x = torch.randn(4, 6)
+    out, hidden = ours.step(x, None)
+    want_out, want_hidden = theirs.eval()(x.unsqueeze(1))
+    assert torch.allclose(out, want_out[:, 0], atol=1e-6)
+    out, _ = ours.step(x, hidden)
+    assert torch.allclose(out, theirs(x.unsqueeze(1), want_hidden)[0][:, 0], atol=1e-6)

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from seq2seq.config import CharLMModel
-from seq2seq.models.rnn import Dropout, Hidden, make_rnn, rnn_step, run_rnn, select_rows
+from seq2seq.models.rnn import Dropout, Hidden, make_rnn, select_rows
 
 
 class CharLM(nn.Module):
@@ -23,7 +23,7 @@ class CharLM(nn.Module):
 
     def forward(self, x: torch.Tensor, hidden: Hidden | None = None) -> tuple[torch.Tensor, Hidden]:
         """Logits (B, T, V) for inputs (B, T), and the state after the last input."""
-        out, hidden = run_rnn(self.rnn, self.dropout(self.embed(x)), hidden)
+        out, hidden = self.rnn(self.dropout(self.embed(x)), hidden)
         out = self.dropout(out)
         if self.bottleneck is not None:
             out = self.bottleneck(out)
@@ -39,7 +39,7 @@ class CharLM(nn.Module):
 
     def step(self, tokens: torch.Tensor, state: dict) -> tuple[torch.Tensor, dict]:
         """Next-character logits (N, V) for tokens (N,)."""
-        out, hidden = rnn_step(self.rnn, self.dropout(self.embed(tokens)), state["hidden"])
+        out, hidden = self.rnn.step(self.dropout(self.embed(tokens)), state["hidden"])
         out = self.dropout(out)
         if self.bottleneck is not None:
             out = self.bottleneck(out)

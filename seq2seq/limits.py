@@ -1,0 +1,33 @@
+"""The largest sizes a caller may ask for (beam, batch, lengths, samples), checked before any
+work: beyond them a request would only exhaust memory. The command line, the Python API and any
+server read this one table."""
+from __future__ import annotations
+
+from seq2seq.errors import UserError
+
+LIMITS = {"beam": 64, "nbest": 64, "batch_size": 4096, "rows": 16384, "max_len_ratio": 10.0,
+          "max_chars": 1_000_000, "num_samples": 1024, "total_chars": 10_000_000, "top_k": 100_000}
+
+
+def check_limits(**sizes) -> None:
+    """One-line errors for sizes outside 1..LIMITS[name] (max_len_ratio: above 0), and for
+    batch_size x beam rows or num_samples x max_chars characters past their limits."""
+    for name, value in sizes.items():
+        if value is None:
+            continue
+        low = 0 if name == "top_k" else 1
+        if name == "max_len_ratio":
+            if not 0 < value <= LIMITS[name]:
+                raise UserError(f"{name} must be above 0 and at most {LIMITS[name]:g}, got {value:g}")
+        elif not low <= value <= LIMITS[name]:
+            raise UserError(f"{name} must be between {low} and {LIMITS[name]:,}, got {value:,}")
+    if sizes.get("nbest") and sizes.get("beam") and sizes["nbest"] > sizes["beam"]:
+        raise UserError(f"nbest {sizes['nbest']} needs a beam of at least {sizes['nbest']}")
+    if sizes.get("batch_size") and (sizes.get("beam") or 1) * sizes["batch_size"] > LIMITS["rows"]:
+        raise UserError(f"batch_size x beam must be at most {LIMITS['rows']:,} decoder rows, got "
+                        f"{sizes['batch_size']} x {sizes.get('beam') or 1}")
+    if sizes.get("max_chars") and (sizes.get("num_samples") or 1) * sizes["max_chars"] > LIMITS["total_chars"]:
+        raise UserError(f"num_samples x max_chars must be at most {LIMITS['total_chars']:,} characters, got "
+                        f"{sizes.get('num_samples') or 1} x {sizes['max_chars']:,}")
+
+
