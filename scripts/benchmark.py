@@ -24,7 +24,6 @@ import json
 import os
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -32,13 +31,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from seq2seq import checkpoint, cpu, inference  # noqa: E402
-from seq2seq.config import default_data_dir, load_preset  # noqa: E402
+from seq2seq import checkpoint, device, fast, inference  # noqa: E402
+from seq2seq.config import load_preset  # noqa: E402
 from seq2seq.device import resolve as resolve_device  # noqa: E402
 from seq2seq.metrics import bleu_chrf  # noqa: E402
-from seq2seq.cpu import int8_available  # noqa: E402
-from seq2seq.models.rnn import Int8Linear, PackedLinear  # noqa: E402
-from seq2seq.train import Trainer  # noqa: E402
+from seq2seq.device import Precision, int8_available  # noqa: E402
+from seq2seq.fast.kernels import Int8Linear, PackedLinear  # noqa: E402
+from seq2seq.training import timing_trainer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -138,27 +137,25 @@ def train_bench(kind: str, preset: str, data_dir: Path, steps: int, repeats: int
     out = {"preset": preset}
     for precision in ("bf16", "fp32"):
         cfg = load_preset(preset, kind, [f"train.bf16={'true' if precision == 'bf16' else 'false'}"])
-        with tempfile.TemporaryDirectory() as tmp:
-            trainer = Trainer(cfg, data_dir, Path(tmp) / "run", None, False, str(DEVICE.type))
-            trainer.model.train()
-            batches = trainer.task.batches(1)[: steps + 3]
+        trainer = timing_trainer(cfg, data_dir, str(DEVICE.type))
+        trainer.model.train()
+        batches = trainer.task.batches(1)[: steps + 3]
 
-            def run(batch_list):
-                return sum(trainer.train_step(batch)[1] for batch in batch_list)
+        def run(batch_list):
+            return sum(trainer.train_step(batch)[1] for batch in batch_list)
 
-            run(batches[:3])  # warm-up: caches, allocator, oneDNN kernels
-            rate, units = median_rate(lambda: run(batches[3:]), repeats)
-            trainer.metrics_log.close()
-            m, vocab = cfg.model, len(trainer.task.tokenizer)
-            if kind == "translator":
-                src_len = trainer.task.train.src_len
-                src = sum(int(src_len[rows].sum()) + len(rows) for _, rows in batches[3:])
-                flops = 3 * translator_forward_flops(m, vocab, src, units, src / sum(len(rows) for _, rows in batches[3:]))
-                unit = "target_tokens_per_s"
-            else:
-                flops = 3 * charlm_forward_flops(m, vocab, units)
-                unit = "chars_per_s"
-            out[precision] = rate_record(rate, unit, precision, flops / units, peak)
+        run(batches[:3])  # warm-up: caches, allocator, oneDNN kernels
+        rate, units = median_rate(lambda: run(batches[3:]), repeats)
+        m, vocab = cfg.model, len(trainer.task.tokenizer)
+        if kind == "translator":
+            src_len = trainer.task.train.src_len
+            src = sum(int(src_len[rows].sum()) + len(rows) for _, rows in batches[3:])
+            flops = 3 * translator_forward_flops(m, vocab, src, units, src / sum(len(rows) for _, rows in batches[3:]))
+            unit = "target_tokens_per_s"
+        else:
+            flops = 3 * charlm_forward_flops(m, vocab, units)
+            unit = "chars_per_s"
+        out[precision] = rate_record(rate, unit, precision, flops / units, peak)
     out["sizes"] = {k: v for k, v in vars(cfg.model).items()}
     return out
 
@@ -170,7 +167,7 @@ def precisions() -> list[str]:
 
 def decoding_args(precision: str) -> dict:
     """int8: the linear layers in int8, the rest in bf16 (as `--precision int8` on a bf16 CPU)."""
-    return {"bf16": precision != "fp32", "int8": precision == "int8"}
+    return {"precision": Precision(bf16=precision != "fp32", int8=precision == "int8")}
 
 
 def decode_bench(model_dir: Path, src: Path, ref: Path | None, repeats: int, peak: dict | None, quick: bool) -> dict:
@@ -241,7 +238,7 @@ def main() -> None:
     p.add_argument("--lm", type=Path, help="generation: model folder (default checkpoints/shakespeare)")
     p.add_argument("--src", type=Path, help="sentences to decode (default: Multi30k test_2016_flickr.en)")
     p.add_argument("--ref", type=Path, help="their references, for BLEU (default: the matching .fr)")
-    p.add_argument("--data-dir", type=Path, default=default_data_dir())
+    p.add_argument("--data-dir", type=Path, default=Path(os.environ.get("SEQ2SEQ_DATA", ROOT.parent / "shared" / "data")))
     p.add_argument("--steps", type=int, help="training steps a repeat (default 20, quick 6)")
     p.add_argument("--repeats", type=int, help="runs a measurement (median; default 3, quick 1)")
     p.add_argument("--threads", type=int, default=0)
@@ -250,11 +247,11 @@ def main() -> None:
     args = p.parse_args()
     global DEVICE
     DEVICE = resolve_device(args.device)
-    cpu.tune_allocator()
+    fast.configure_process()
     torch.set_num_threads(args.threads or torch.get_num_threads())
     steps = args.steps or (6 if args.quick else 20)
     repeats = args.repeats or (1 if args.quick else 3)
-    out = {"benchmark": args.what, "config": {**cpu.describe(), "device": str(DEVICE),
+    out = {"benchmark": args.what, "config": {**device.describe(), "device": str(DEVICE),
                                               "gpu": torch.cuda.get_device_name() if DEVICE.type == "cuda" else None,
                                               "processes": int(os.environ.get("WORLD_SIZE", "1"))}}
     everything = args.what == "all"

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -22,8 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from seq2seq import checkpoint, inference  # noqa: E402
-from seq2seq.config import default_data_dir, load_preset  # noqa: E402
-from seq2seq.train import Trainer, train  # noqa: E402
+from seq2seq.config import load_preset  # noqa: E402
+from seq2seq.training import timing_trainer, train  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -35,19 +36,17 @@ def sync(device: str) -> None:
 
 def train_rate(kind: str, preset: str, overrides: list[str], data_dir: Path, device: str, steps: int) -> dict:
     cfg = load_preset(preset, kind, ["train.bf16=true", *overrides])
-    with tempfile.TemporaryDirectory() as tmp:
-        trainer = Trainer(cfg, data_dir, Path(tmp) / "run", None, False, device)
-        trainer.model.train()
-        batches = trainer.task.batches(1)
-        batches = (batches * (1 + (steps + 3) // max(len(batches), 1)))[: steps + 3]
-        for batch in batches[:3]:  # warm-up: cuDNN plans, allocator
-            trainer.train_step(batch)
-        sync(device)
-        start = time.perf_counter()
-        units = sum(trainer.train_step(batch)[1] for batch in batches[3:])
-        sync(device)
-        seconds = time.perf_counter() - start
-        trainer.metrics_log.close()
+    trainer = timing_trainer(cfg, data_dir, device)
+    trainer.model.train()
+    batches = trainer.task.batches(1)
+    batches = (batches * (1 + (steps + 3) // max(len(batches), 1)))[: steps + 3]
+    for batch in batches[:3]:  # warm-up: cuDNN plans, allocator
+        trainer.train_step(batch)
+    sync(device)
+    start = time.perf_counter()
+    units = sum(trainer.train_step(batch)[1] for batch in batches[3:])
+    sync(device)
+    seconds = time.perf_counter() - start
     return {"overrides": overrides, "steps": steps, "tokens_per_s": round(units / seconds, 1)}
 
 
@@ -56,7 +55,7 @@ def same_translations(device: str) -> dict:
     results = {}
     for where in ("cpu", device):
         _, model, tokenizer = checkpoint.load(ROOT / "checkpoints" / "en-fr", device=where)
-        results[where] = [h[0][0] for h in inference.translate(model, tokenizer, lines, beam=5, bf16=False)]
+        results[where] = [h[0][0] for h in inference.translate(model, tokenizer, lines, beam=5, precision="fp32")]
     same = sum(a == b for a, b in zip(results["cpu"], results[device]))
     return {"sentences": len(lines), "identical": same}
 
@@ -64,7 +63,7 @@ def same_translations(device: str) -> dict:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda")
-    p.add_argument("--data-dir", type=Path, default=default_data_dir())
+    p.add_argument("--data-dir", type=Path, default=Path(os.environ.get("SEQ2SEQ_DATA", ROOT.parent / "shared" / "data")))
     p.add_argument("--quick", action="store_true",
                    help="few steps, 6k-token batches, a 0.3-minute run: checks the code paths")
     args = p.parse_args()

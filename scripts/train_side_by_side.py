@@ -12,7 +12,6 @@ target tokens (translator) or characters (char LM) a second.
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -24,11 +23,15 @@ import json, sys, tempfile, time
 from pathlib import Path
 sys.path.insert(0, {repo!r})
 from seq2seq.config import load_preset
-from seq2seq.cpu import tune_allocator
-from seq2seq.train import Trainer
-tune_allocator()
 cfg = load_preset({preset!r}, {kind!r}, [])
-trainer = Trainer(cfg, Path({data!r}), Path(tempfile.mkdtemp()) / "run", None, False, "cpu")
+try:  # the training package; before it, one module whose Trainer wrote a run folder
+    from seq2seq.training import timing_trainer
+    trainer = timing_trainer(cfg, Path({data!r}))
+except ImportError:
+    from seq2seq.cpu import tune_allocator
+    from seq2seq.train import Trainer
+    tune_allocator()
+    trainer = Trainer(cfg, Path({data!r}), Path(tempfile.mkdtemp()) / "run", None, False, "cpu")
 trainer.model.train()
 batches = trainer.task.batches(1)[: {steps} + 3]
 for batch in batches[:3]:

@@ -141,10 +141,13 @@ def add_evaluate_parser(sub) -> None:
     p.add_argument("--text", type=Path, help="character model: held-out text (scored in fp32 unless --precision "
                    "names another)")
     p.add_argument("--continuations", type=nonnegative_int, default=0, help="score N generated continuations")
-    p.add_argument("--prompt-chars", type=positive_int, default=100)
-    p.add_argument("--max-chars", type=bounded_int(1, LIMITS["max_chars"]), default=100)
-    p.add_argument("--temperature", type=nonnegative_float, default=0.0, help="continuations: 0 = greedy")
-    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--prompt-chars", type=positive_int, default=100,
+                   help="continuations: characters of held-out text each starts from (default 100)")
+    p.add_argument("--max-chars", type=bounded_int(1, LIMITS["max_chars"]), default=100,
+                   help="continuations: characters generated and scored against the text's own (default 100)")
+    p.add_argument("--temperature", type=nonnegative_float, default=0.0,
+                   help="continuations: sampling temperature (default 0: greedy)")
+    p.add_argument("--seed", type=int, default=1, help="continuations: random seed (default 1)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 

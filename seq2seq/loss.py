@@ -4,7 +4,7 @@ The (tokens x vocabulary) logits dominate a translator step on a CPU: PyTorch's 
 nll_loss chain makes several full-size fp32 copies and passes, all memory-bound. Here the
 forward pass walks the logits in chunks of rows that fit in L2 cache, computing the loss and,
 since a backward pass always follows in training, the gradient softmax - (1 - eps) * onehot -
-eps / V at once. Measured on this 2-core machine at 2992 x 8000 bf16 logits: 165 ms -> 44 ms.
+eps / V at once (docs/performance.md has the measurement).
 A caller that knows the factor its backward pass will bring (1 / tokens, for a mean) passes it
 as `grad_scale`: it is folded into the forward pass's mask multiply, and the backward pass hands
 the saved gradient on without another logits-sized pass.
@@ -32,7 +32,7 @@ class _SmoothedCrossEntropy(torch.autograd.Function):
         for start in range(0, logits.size(0), chunk):
             rows = slice(start, start + chunk)
             # softmax, and the log-partition from the row's largest logit and probability:
-            # log_softmax then exp_ took 318 us on 65 x 8000 bf16, this 171 (exp is slow on CPU)
+            # (one exp pass fewer than log_softmax then exp_: exp is slow on a CPU)
             x = logits[rows].to(dtype)
             probs = torch.softmax(x, dim=-1)
             log_z = x.amax(dim=-1) - probs.amax(dim=-1).log()

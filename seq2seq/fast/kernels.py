@@ -1,6 +1,6 @@
 """CPU decoding kernels: linear layers on weights packed once for oneDNN (or quantized to int8),
 and an LSTM whose step takes one product and one sigmoid per layer. Each is checked against the
-plain PyTorch module it stands in for (tests/test_search.py); the speed they give is measured in
+plain PyTorch module it stands in for (tests/test_fast.py); the speed they give is measured in
 docs/performance.md."""
 from __future__ import annotations
 

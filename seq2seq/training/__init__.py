@@ -58,7 +58,21 @@ def train(cfg: Config, data_dir: Path | None, output: Path, time_budget: float |
         if init_from is not None:  # the log says where the weights came from
             folder.write({"type": "init", "step": 0, "from": str(Path(init_from).resolve())})
         trainer.save_resume_state()
-    return trainer.run()
+    best = trainer.run()
+    if cluster.main and best is not None:
+        score_test(task, folder, best)
+    return best
+
+
+def score_test(task, folder: RunFolder, best: dict) -> None:
+    """The best model's scores on the task's test split, where it has one: logged, appended to
+    metrics.jsonl and added to metrics.json."""
+    checkpoint.load_weights(task.model, folder.path / checkpoint.BEST)
+    scores = task.test()
+    if scores:
+        folder.append({"type": "test", "step": best["step"], **scores})
+        folder.update_metrics({"test": scores})
+        log.info("test (best model, step %d): %s", best["step"], ", ".join(f"{k} {v}" for k, v in scores.items()))
 
 
 def timing_trainer(cfg: Config, data_dir: Path, device: str = "cpu") -> Trainer:

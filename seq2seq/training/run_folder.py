@@ -71,6 +71,12 @@ class RunFolder:
             self.log_file.write(json.dumps(record) + "\n")
             self.log_file.flush()
 
+    def append(self, record: dict) -> None:
+        """A record after the run's log is closed (the test scores)."""
+        if self.main:
+            with open(self.path / "metrics.jsonl", "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+
     def close(self) -> None:
         if self.log_file is not None:
             self.log_file.close()

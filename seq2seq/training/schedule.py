@@ -10,6 +10,7 @@ there (`early_anneal`) instead of stopping with the learning rate still high.
 """
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 
@@ -22,6 +23,8 @@ BUDGET_MARGIN = 0.03
 # An early anneal's length, as a share of the planned steps (at least one evaluation's worth).
 EARLY_ANNEAL_SHARE = 0.1
 SCHEDULES = ("cosine", "plateau", "constant")
+
+log = logging.getLogger("seq2seq")
 
 
 def learning_rate(cfg, step: int, total_steps: int | None, plateau_scale: float, anneal_start: int | None = None,
@@ -82,45 +85,76 @@ class Plan:
         return self.total_steps
 
 
-class BudgetClock:
-    """When a budget run measures its speed and plans, and whether a plan still fits the budget.
-    `share` is how far the run is: its share of the budget, or of its step ceiling."""
+class Budget:
+    """A budget run's plan: when it measures its speed and plans, how it refits the plan at each
+    evaluation, and when it anneals early. `sync(value)` makes every process take rank 0's value;
+    `write(record)` logs a record."""
 
     def __init__(self, budget_s: float | None, ceiling: float, plan_cap: float):
         self.budget_s, self.ceiling, self.plan_cap = budget_s, ceiling, plan_cap
         self.measure_from: tuple[int, float] | None = None  # (step, training seconds): the plan's speed from here
         self.speed_mark: tuple[int, float] | None = None  # the same, from the plan or the last evaluation on
 
-    def share(self, elapsed_s: float, step: int) -> float:
-        return max(elapsed_s / self.budget_s, step / self.ceiling)
-
     def plan_due(self, elapsed_s: float, step: int, training_s: float, warmup_steps: int) -> bool:
-        """Starts the speed measurement when its time comes; True once the plan can be made."""
-        share = self.share(elapsed_s, step)
+        """Starts the speed measurement when its time comes; True once the plan can be made.
+        How far the run is: its share of the budget, or of its step ceiling."""
+        share = max(elapsed_s / self.budget_s, step / self.ceiling)
         if self.measure_from is None and share >= PLAN_MEASURE_FROM:
             self.measure_from = (step, training_s)
         return (self.measure_from is not None and share >= PLAN_AT
                 and step >= max(warmup_steps, self.measure_from[0] + 5))
 
-    def plan(self, elapsed_s: float, step: int, training_s: float, eval_s: float, steps_per_eval: int) -> tuple[int, float]:
-        """(total steps, seconds a step) from the speed measured since `measure_from`."""
+    def plan(self, progress, elapsed_s: float, training_s: float, eval_s: float, steps_per_eval: int,
+             steps_per_epoch: int, sync, write) -> None:
+        """Fix `progress.plan`'s total step count from the speed measured since `measure_from`."""
+        step = progress.step
         step_s = (training_s - self.measure_from[1]) / (step - self.measure_from[0])
         self.speed_mark = (step, training_s)
-        return plan_total_steps(self.budget_s, elapsed_s, step, step_s, eval_s, steps_per_eval, self.ceiling), step_s
+        total = plan_total_steps(self.budget_s, elapsed_s, step, step_s, eval_s, steps_per_eval, self.ceiling)
+        progress.plan.total_steps, progress.plan.anneal_start = sync(total), step
+        record = {"type": "plan", "step": step, "total_steps": progress.plan.total_steps,
+                  "epochs": round(progress.plan.total_steps / max(steps_per_epoch, 1), 2), "step_s": round(step_s, 4),
+                  "eval_s": round(eval_s, 2), "budget_s": self.budget_s,
+                  "ceiling": self.ceiling if math.isfinite(self.ceiling) else None}
+        write(record)
+        log.info("plan: %d steps (%.1f epochs) in the %g-minute budget, at %.3f s a step and %.1f s an evaluation",
+                 progress.plan.total_steps, record["epochs"], self.budget_s / 60, step_s, eval_s)
 
-    def replan(self, total: int, elapsed_s: float, step: int, training_s: float, eval_s: float,
-               steps_per_eval: int) -> tuple[int, float | None]:
+    def replan(self, progress, elapsed_s: float, training_s: float, eval_s: float, steps_per_eval: int,
+               sync, write) -> None:
         """At an evaluation, fit the plan to the speed of the steps since the last one when it has
         drifted: shorter when at that speed the run would overrun the whole budget (another
         process, a throttled CPU), so it still ends annealed; longer when it would leave more than
         twice the margin unused (a slowdown has passed), so the budget is spent training. In
         between the plan stands. A resumed session never lengthens the plan it resumed with
-        (`plan_cap`). Returns (total steps, the measured seconds a step or None)."""
+        (`plan_cap`). `training_s`: training seconds as the evaluation began."""
+        step, total = progress.step, progress.plan.total_steps
         mark, self.speed_mark = self.speed_mark, (step, training_s)
-        if mark is None or step <= mark[0]:
-            return total, None
+        if self.budget_s is None or total is None or mark is None or step <= mark[0]:
+            return
         step_s = (training_s - mark[1]) / (step - mark[0])
         args = (self.budget_s, elapsed_s, step, step_s, eval_s, steps_per_eval, self.plan_cap)
         overruns = plan_total_steps(*args, margin=0.0) < total
         idles = total < plan_total_steps(*args, margin=2 * BUDGET_MARGIN)
-        return (plan_total_steps(*args) if overruns or idles else total), step_s
+        new_total = sync(plan_total_steps(*args) if overruns or idles else total)
+        if new_total != total:
+            write({"type": "replan", "step": step, "total_steps": new_total, "was": total, "step_s": round(step_s, 4)})
+            log.info("replan: %d steps instead of %d, at %.3f s a step since the last evaluation", new_total, total,
+                     step_s)
+            progress.plan.total_steps = new_total
+
+    def anneal_early(self, progress, cfg, steps_per_eval: int, write) -> bool:
+        """A budget run whose dev score stopped improving anneals from here over a short span
+        (`Plan.early_anneal`); True when the run goes on: patience never stops a budget run's
+        cosine before its end."""
+        plan = progress.plan
+        if cfg.lr_schedule != "cosine" or plan.total_steps is None:
+            return False
+        was = plan.total_steps
+        total = plan.early_anneal(cfg, progress.step, steps_per_eval)
+        progress.bad_evals = 0
+        if total is not None:
+            self.plan_cap = min(self.plan_cap, total)
+            write({"type": "replan", "step": progress.step, "total_steps": total, "was": was, "reason": "patience"})
+            log.info("no improvement in %d evaluations: annealing until step %d instead of %d", cfg.patience, total, was)
+        return True

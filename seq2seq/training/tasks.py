@@ -21,7 +21,7 @@ import torch
 from seq2seq import checkpoint, inference
 from seq2seq.config import Config
 from seq2seq.corpus import TokenizedCorpus
-from seq2seq.data import char_streams, corpus_file, load_pairs, non_empty, pad, read_text, token_batches, within_length
+from seq2seq.data import char_streams, corpus_file, corpus_files, load_pairs, non_empty, pad, read_text, token_batches, within_length
 from seq2seq.device import Precision, autocast
 from seq2seq.errors import UserError
 from seq2seq.loss import smoothed_cross_entropy
@@ -54,6 +54,9 @@ class TranslationTask:
     def __init__(self, cfg: Config, data_dir: Path, tokenizer: SubwordTokenizer | None = None):
         d, self.cfg, self.data_dir = cfg.data, cfg, data_dir
         dev = list(non_empty(load_pairs(d, data_dir, "dev"), "dev"))  # first: a wrong dev path fails in seconds
+        missing = [path for path in (corpus_files(d, data_dir, "test") if d.test else []) if not path.exists()]
+        if missing:  # now, not when the test split is scored after training
+            raise UserError(f"data.test: {missing[0]}: file not found")
         if not dev:
             raise UserError(f"data.dev {d.dev!r}: no sentence pairs")
         self.train = TokenizedCorpus.build(d, data_dir, tokenizer)

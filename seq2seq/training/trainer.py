@@ -16,7 +16,7 @@ from tqdm import tqdm
 from seq2seq.distributed import Cluster
 from seq2seq.errors import Interrupted, UserError
 from seq2seq.training.run_folder import RunFolder
-from seq2seq.training.schedule import BudgetClock, Plan
+from seq2seq.training.schedule import Budget, Plan
 
 log = logging.getLogger("seq2seq")
 
@@ -60,6 +60,30 @@ class Progress:
         return progress
 
 
+class GradientWatch:
+    """Warns once each when the median pre-clip norm of the last GRADIENT_WINDOW steps says the
+    gradients vanish or explode."""
+
+    def __init__(self):
+        self.recent_norms: deque[float] = deque(maxlen=GRADIENT_WINDOW)
+        self.warned: set[str] = set()
+
+    def watch(self, grad_norm: float) -> None:
+        self.recent_norms.append(grad_norm)
+        if len(self.recent_norms) < GRADIENT_WINDOW:
+            return
+        median = sorted(self.recent_norms)[GRADIENT_WINDOW // 2]
+        if median < VANISHING_BELOW and "vanishing" not in self.warned:
+            self.warned.add("vanishing")
+            log.warning("gradients are vanishing: median pre-clip norm %.2g over the last %d steps (below %g); "
+                        "an lstm or gru cell, model.forget_bias=1 or a higher train.lr may help "
+                        "(see scripts/gradient_flow.py)", median, GRADIENT_WINDOW, VANISHING_BELOW)
+        if median > EXPLODING_ABOVE and "exploding" not in self.warned:
+            self.warned.add("exploding")
+            log.warning("gradients are exploding: median pre-clip norm %.3g over the last %d steps (above %g); "
+                        "keep train.clip_norm set and lower train.lr", median, GRADIENT_WINDOW, EXPLODING_ABOVE)
+
+
 class Trainer:
     """One run of `task` on its model: `train_step` alone (timing scripts need no folder), or `run`
     with evaluations, the budget plan, stops and saves into `folder`."""
@@ -79,12 +103,11 @@ class Trainer:
         # alone, and records its planned total in the progress so that a resume follows it.
         ceiling = self.t.max_steps or (math.inf if budget_s else self.t.max_epochs * len(self.batches))
         planned = self.progress.plan.total_steps
-        self.budget = BudgetClock(budget_s, ceiling, ceiling if planned is None else min(ceiling, planned))
+        self.budget = Budget(budget_s, ceiling, ceiling if planned is None else min(ceiling, planned))
         self.eval_seconds = 0.0  # wall clock spent evaluating and saving since the run (or resume) started
         self.window_started = self.training_seconds() - self.progress.window_s
         self.last_eval_s: float | None = None
-        self.recent_norms: deque[float] = deque(maxlen=GRADIENT_WINDOW)
-        self.warned: set[str] = set()
+        self.gradients = GradientWatch()
         self.interrupted: str | None = None
         self.stop: str | None = None
         self.since_eval = 0
@@ -112,7 +135,7 @@ class Trainer:
         if math.isfinite(loss) and math.isfinite(grad_norm):
             self.optimizer.step()
             p.nonfinite_in_row = 0
-            self.watch_gradients(grad_norm)
+            self.gradients.watch(grad_norm)
         else:
             self.skip_step(loss, grad_norm, count)
         p.step += 1
@@ -132,41 +155,20 @@ class Trainer:
             p.step += 1
             p.batch += 1
             self.save_resume_state()
-            best = p.best["step"] if p.best else None
-            raise UserError(f"training diverged: {MAX_NONFINITE_IN_ROW} steps in a row had a non-finite loss or "
-                            f"gradient (up to step {p.step}); {self.folder.path} keeps the best model"
-                            f"{f' (step {best})' if best else ''}; --resume continues on the next batches, best "
-                            "with --set train.bf16=false (bf16 overflows) or a lower train.lr")
-
-    def watch_gradients(self, grad_norm: float) -> None:
-        """Warn once each when the window's median pre-clip norm says gradients vanish or explode."""
-        self.recent_norms.append(grad_norm)
-        if len(self.recent_norms) < GRADIENT_WINDOW:
-            return
-        median = sorted(self.recent_norms)[GRADIENT_WINDOW // 2]
-        if median < VANISHING_BELOW and "vanishing" not in self.warned:
-            self.warned.add("vanishing")
-            log.warning("gradients are vanishing: median pre-clip norm %.2g over the last %d steps (below %g); "
-                        "an lstm or gru cell, model.forget_bias=1 or a higher train.lr may help "
-                        "(see scripts/gradient_flow.py)", median, GRADIENT_WINDOW, VANISHING_BELOW)
-        if median > EXPLODING_ABOVE and "exploding" not in self.warned:
-            self.warned.add("exploding")
-            log.warning("gradients are exploding: median pre-clip norm %.3g over the last %d steps (above %g); "
-                        "keep train.clip_norm set and lower train.lr", median, GRADIENT_WINDOW, EXPLODING_ABOVE)
+            raise diverged(p, self.folder.path)
 
     # -- the run -------------------------------------------------------------------------------
     def run(self) -> dict:
         """Epochs until a stop; SIGINT or SIGTERM finishes the current step, saves and stops."""
         self.model.train()
         self.stop = self.stop_reason()  # a run resumed at its last step has nothing left to train
-        previous = self._catch_signals()
+        previous = catch_signals(self)
         together = False  # whether every rank ends here in step (not after one rank's own error)
         try:
             while self.stop is None and (self.budget_s or self.progress.epoch < self.t.max_epochs):
                 self.run_epoch()
             if self.since_eval:
                 self.evaluate()
-            self.score_test()
             together = True
         except Interrupted:
             together = True
@@ -243,20 +245,6 @@ class Trainer:
             self.stop = f"no improvement in {self.t.patience} evaluations"
         return self.stop is not None
 
-    def _catch_signals(self) -> dict:
-        """SIGINT and SIGTERM set a flag the loop reads after each step, so the saved state is one
-        between steps (a second signal stops at once, keeping the last saved state)."""
-        if threading.current_thread() is not threading.main_thread():
-            return {}
-
-        def on_signal(signum, frame):
-            if self.interrupted:
-                raise KeyboardInterrupt
-            self.interrupted = signal.Signals(signum).name
-            log.info("%s: saving after this step (send it again to stop at once)", self.interrupted)
-
-        return {signum: signal.signal(signum, on_signal) for signum in (signal.SIGINT, signal.SIGTERM)}
-
     # -- evaluation and the plan ---------------------------------------------------------------
     def evaluate(self) -> bool:
         """Validate, keep the best model, save the resume state; True when patience has run out
@@ -287,71 +275,23 @@ class Trainer:
         return out_of_patience
 
     def anneal_early(self) -> bool:
-        """A budget run whose dev score stopped improving anneals from here over a short span; True
-        when the run goes on (patience never stops a budget run's cosine before its end)."""
+        """True when a budget run goes on despite its patience (see `Budget.anneal_early`)."""
         p = self.progress
-        if self.budget_s is None or self.t.lr_schedule != "cosine" or p.plan.total_steps is None:
-            return False
-        was = p.plan.total_steps
-        total = p.plan.early_anneal(self.t, p.step, self.t.eval_every or len(self.batches))
-        p.bad_evals = 0
-        if total is None:  # annealing already: the plan ends the run
-            return True
-        self.budget.plan_cap = min(self.budget.plan_cap, total)
-        self.folder.write({"type": "replan", "step": p.step, "total_steps": total, "was": was, "reason": "patience"})
-        log.info("no improvement in %d evaluations: annealing until step %d instead of %d", self.t.patience,
-                 total, was)
-        return True
+        return self.budget_s is not None and self.budget.anneal_early(
+            p, self.t, self.t.eval_every or len(self.batches), self.folder.write)
 
     def plan(self) -> None:
         """Fix the run's total step count from the measured speed so the budget is just used."""
         p = self.progress
-        steps_per_eval = self.t.eval_every or len(self.batches)
-        total, step_s = self.budget.plan(self.elapsed(), p.step, self.training_seconds(), self.last_eval_s,
-                                         steps_per_eval)
-        p.plan.total_steps, p.plan.anneal_start = self.cluster.from_main(total), p.step
-        record = {"type": "plan", "step": p.step, "total_steps": p.plan.total_steps,
-                  "epochs": round(p.plan.total_steps / max(len(self.batches), 1), 2), "step_s": round(step_s, 4),
-                  "eval_s": round(self.last_eval_s, 2), "budget_s": self.budget_s,
-                  "ceiling": self.budget.ceiling if math.isfinite(self.budget.ceiling) else None}
-        self.folder.write(record)
-        log.info("plan: %d steps (%.1f epochs) in the %g-minute budget, at %.3f s a step and %.1f s an evaluation",
-                 p.plan.total_steps, record["epochs"], self.budget_s / 60, step_s, self.last_eval_s)
+        self.budget.plan(p, self.elapsed(), self.training_seconds(), self.last_eval_s, self.t.eval_every or len(self.batches),
+                         len(self.batches), self.cluster.from_main, self.folder.write)
         self.save_resume_state()
 
     def replan(self, trained_s: float) -> None:
-        """Fit a budget run's plan to its speed since the last evaluation (`BudgetClock.replan`).
+        """Fit a budget run's plan to its speed since the last evaluation (`Budget.replan`).
         `trained_s`: training seconds as the evaluation began."""
-        p = self.progress
-        if self.budget_s is None or p.plan.total_steps is None:
-            self.budget.speed_mark = (p.step, trained_s)
-            return
-        total, step_s = self.budget.replan(p.plan.total_steps, self.elapsed(), p.step, trained_s,
-                                           self.last_eval_s or 0.0, self.t.eval_every or len(self.batches))
-        total = self.cluster.from_main(total)
-        if total != p.plan.total_steps:
-            self.folder.write({"type": "replan", "step": p.step, "total_steps": total, "was": p.plan.total_steps,
-                               "step_s": round(step_s, 4)})
-            log.info("replan: %d steps instead of %d, at %.3f s a step since the last evaluation", total,
-                     p.plan.total_steps, step_s)
-            p.plan.total_steps = total
-
-    def score_test(self) -> None:
-        """The best model's scores on the test split, where the task has one, logged and added to
-        metrics.json."""
-        if not self.cluster.main or self.progress.best is None or self.folder.path is None:
-            return
-        from seq2seq import checkpoint
-
-        latest = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-        checkpoint.load_weights(self.model, self.folder.path / checkpoint.BEST)
-        scores = self.task.test()
-        self.model.load_state_dict(latest)
-        if scores:
-            self.folder.write({"type": "test", "step": self.progress.best["step"], **scores})
-            self.folder.update_metrics({"test": scores})
-            log.info("test (best model, step %d): %s", self.progress.best["step"],
-                     ", ".join(f"{k} {v}" for k, v in scores.items()))
+        self.budget.replan(self.progress, self.elapsed(), trained_s, self.last_eval_s or 0.0,
+                           self.t.eval_every or len(self.batches), self.cluster.from_main, self.folder.write)
 
     # -- clocks, logs and saves ----------------------------------------------------------------
     def elapsed(self) -> float:
@@ -391,3 +331,27 @@ class Trainer:
             mine["cuda_rng"] = torch.cuda.get_rng_state(device)
         ranks = self.cluster.gather(mine)
         self.folder.save_state(self.model, self.optimizer, self.progress.to_json(), ranks, self.cluster.active)
+
+
+def catch_signals(trainer: Trainer) -> dict:
+    """SIGINT and SIGTERM set the trainer's flag, which the loop reads after each step, so the
+    saved state is one between steps (a second signal stops at once, keeping the last saved
+    state). Returns the handlers replaced."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+
+    def on_signal(signum, frame):
+        if trainer.interrupted:
+            raise KeyboardInterrupt
+        trainer.interrupted = signal.Signals(signum).name
+        log.info("%s: saving after this step (send it again to stop at once)", trainer.interrupted)
+
+    return {signum: signal.signal(signum, on_signal) for signum in (signal.SIGINT, signal.SIGTERM)}
+
+
+def diverged(p: Progress, folder) -> UserError:
+    best = p.best["step"] if p.best else None
+    return UserError(f"training diverged: {MAX_NONFINITE_IN_ROW} steps in a row had a non-finite loss or gradient "
+                     f"(up to step {p.step}); {folder} keeps the best model{f' (step {best})' if best else ''}; "
+                     "--resume continues on the next batches, best with --set train.bf16=false (bf16 overflows) "
+                     "or a lower train.lr")
