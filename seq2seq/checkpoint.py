@@ -108,23 +108,26 @@ def save_json(obj: dict, path: Path) -> None:
     write_text_atomic(path, json.dumps(obj, indent=2) + "\n")
 
 
-def build(cfg: Config, tokenizer):
+def kind_classes(kind: str) -> tuple[type, type]:
+    """The model class and the tokenizer class of a model kind: the one place that maps a kind to them."""
     from seq2seq.models.charlm import CharLM
     from seq2seq.models.translator import Translator
+    from seq2seq.tokenizer import CharVocab, SubwordTokenizer
 
-    model_cls = Translator if cfg.kind == "translator" else CharLM
-    return model_cls(cfg.model, len(tokenizer))
+    return {"translator": (Translator, SubwordTokenizer), "charlm": (CharLM, CharVocab)}[kind]
+
+
+def build(cfg: Config, tokenizer):
+    return kind_classes(cfg.kind)[0](cfg.model, len(tokenizer))
 
 
 def load(folder: str | Path, weights: str = BEST, device: str = "cpu"):
     """(config, model in eval mode on `device`, tokenizer) of a model folder."""
-    from seq2seq.tokenizer import CharVocab, SubwordTokenizer
-
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"{folder}: model folder not found")
     cfg = Config.load(folder / "config.json")
-    tokenizer = (SubwordTokenizer if cfg.kind == "translator" else CharVocab).load(folder)
+    tokenizer = kind_classes(cfg.kind)[1].load(folder)
     model = build(cfg, tokenizer).to(resolve_device(device))
     load_weights(model, folder / weights)
     model.eval()

@@ -128,10 +128,27 @@ class Config:
         if kind not in KINDS:
             raise UserError(f"{source}: kind must be one of {', '.join(KINDS)}, got {kind!r}")
         data_cls, model_cls = _SECTIONS[kind]
-        return cls(kind=kind, preset=raw.get("preset", ""),
-                   data=_build(data_cls, raw.get("data", {}), f"{source} [data]"),
-                   model=_build(model_cls, raw.get("model", {}), f"{source} [model]"),
-                   train=_build(TrainConfig, raw.get("train", {}), f"{source} [train]"))
+        cfg = cls(kind=kind, preset=raw.get("preset", ""),
+                  data=_build(data_cls, raw.get("data", {}), f"{source} [data]"),
+                  model=_build(model_cls, raw.get("model", {}), f"{source} [model]"),
+                  train=_build(TrainConfig, raw.get("train", {}), f"{source} [train]"))
+        cfg.validate(source)
+        return cfg
+
+    def validate(self, source: str = "config") -> None:
+        """Every setting checked against `RULES` at once, so a bad value fails when the config is
+        read, naming its section and key, not deep in a run."""
+        for section in ("data", "model", "train"):
+            values = getattr(self, section)
+            for key, rule in RULES.get(section, {}).items():
+                if hasattr(values, key):
+                    problem = rule(getattr(values, key))
+                    if problem:
+                        raise UserError(f"{source} [{section}] {key}: {problem}, got {getattr(values, key)!r}")
+        m = self.model
+        if self.kind == "translator" and m.attention == "dot" and m.dec_hidden != 2 * m.enc_hidden:
+            raise UserError(f"{source} [model] attention: dot attention needs dec_hidden ({m.dec_hidden}) == "
+                            f"2 * enc_hidden ({2 * m.enc_hidden})")
 
     def save(self, path: Path) -> None:
         write_text_atomic(path, json.dumps(self.to_dict(), indent=2) + "\n")
@@ -151,6 +168,41 @@ class Config:
 
 
 _SECTIONS = {"translator": (TranslatorData, TranslatorModel), "charlm": (CharLMData, CharLMModel)}
+
+
+def _one_of(*choices):
+    return lambda value: None if value in choices else f"must be one of {', '.join(choices)}"
+
+
+def _at_least(low):
+    return lambda value: None if value >= low else f"must be at least {low}"
+
+
+def _between(low, high, high_open: bool = False):
+    def check(value):
+        ok = low <= value < high if high_open else low <= value <= high
+        return None if ok else f"must be in [{low}, {high}{')' if high_open else ']'}"
+    return check
+
+
+# What each setting may be; the classes above give their meaning and defaults.
+RULES = {
+    "data": {"format": _one_of("parallel", "tsv", "hf"), "max_tokens": _at_least(1),
+             "dev_max_sentences": _at_least(0), "vocab_size": _at_least(8),
+             "spm_model_type": _one_of("unigram", "bpe", "char", "word"), "sample_alpha": _between(0.0, 1.0),
+             "valid_fraction": _between(0.0, 1.0, high_open=True)},
+    "model": {"cell": _one_of("lstm", "gru", "rnn"), "attention": _one_of("dot", "general", "additive"),
+              "emb_dim": _at_least(1), "enc_hidden": _at_least(1), "enc_layers": _at_least(1), "dec_hidden": _at_least(1),
+              "dec_layers": _at_least(1), "hidden": _at_least(1), "layers": _at_least(1),
+              "dropout": _between(0.0, 1.0, high_open=True)},
+    "train": {"lr": _between(0.0, 10.0), "lr_schedule": _one_of("cosine", "plateau", "constant"),
+              "warmup_steps": _at_least(0), "min_lr_ratio": _between(0.0, 1.0), "weight_decay": _at_least(0.0),
+              "clip_norm": _at_least(0.0), "label_smoothing": _between(0.0, 1.0, high_open=True),
+              "max_epochs": _at_least(1), "max_steps": _at_least(0), "eval_every": _at_least(0), "patience": _at_least(1),
+              "log_every": _at_least(1), "threads": _at_least(0), "batch_tokens": _at_least(1),
+              "teacher_forcing": _between(0.0, 1.0), "dev_beam": _between(1, 64), "batch_size": _at_least(1),
+              "bptt": _at_least(1)},
+}
 
 
 def _build(cls, values: dict, where: str):

@@ -6,7 +6,7 @@ from torch import nn
 
 from seq2seq.errors import UserError
 
-KINDS = ("dot", "general", "additive")
+ATTENTIONS = ("dot", "general", "additive")
 
 
 class Attention(nn.Module):
@@ -17,8 +17,8 @@ class Attention(nn.Module):
 
     def __init__(self, kind: str, query_size: int, memory_size: int, additive_size: int = 256):
         super().__init__()
-        if kind not in KINDS:
-            raise UserError(f"model.attention must be one of {', '.join(KINDS)}, got {kind!r}")
+        if kind not in ATTENTIONS:
+            raise UserError(f"model.attention must be one of {', '.join(ATTENTIONS)}, got {kind!r}")
         if kind == "dot" and query_size != memory_size:
             raise UserError(f"dot attention needs dec_hidden ({query_size}) == 2 * enc_hidden ({memory_size})")
         self.kind = kind

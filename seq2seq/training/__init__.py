@@ -17,7 +17,6 @@ from seq2seq.device import resolve as resolve_device
 from seq2seq.distributed import Cluster
 from seq2seq.errors import UserError
 from seq2seq.fast import configure_process
-from seq2seq.tokenizer import CharVocab, SubwordTokenizer
 from seq2seq.training.run_folder import RunFolder
 from seq2seq.training.schedule import learning_rate
 from seq2seq.training.tasks import TASKS
@@ -97,7 +96,7 @@ def build_task(cfg: Config, data_dir: Path, cluster: Cluster, folder: RunFolder,
     """The task with its data, tokenizer and model on the device: the tokenizer is the run's own
     on resume, `init_from`'s when fine-tuning, else built from the data (by rank 0 only, the
     others wait and read it from the run folder)."""
-    kind_tokenizer = SubwordTokenizer if cfg.kind == "translator" else CharVocab
+    kind_tokenizer = checkpoint.kind_classes(cfg.kind)[1]
     tokenizer = None
     if resume:
         tokenizer = kind_tokenizer.load(folder.path)
