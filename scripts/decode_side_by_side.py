@@ -39,16 +39,21 @@ def rate(fn, units, repeats=3):
         rates.append(units / (time.perf_counter() - start))
     return round(statistics.median(rates), 1)
 
-modes = [("bf16", {{"bf16": True}})]
-if "int8" in inspect.signature(inference.translate).parameters:
-    modes.append(("int8", {{"bf16": True, "int8": True}}))
+if "precision" in inspect.signature(inference.translate).parameters:  # one resolved precision argument
+    modes = [("bf16", {{"precision": "bf16"}}), ("int8", {{"precision": "int8"}})]
+else:
+    modes = [("bf16", {{"bf16": True}})]
+    if "int8" in inspect.signature(inference.translate).parameters:
+        modes.append(("int8", {{"bf16": True, "int8": True}}))
 _, model, tokenizer = checkpoint.load({translator!r})[:3]
 for beam in (1, 5):
     for mode, kwargs in modes:
         out[f"beam{{beam}}_{{mode}}_sentences_per_s"] = rate(
             lambda: inference.translate(model, tokenizer, lines, beam=beam, **kwargs), len(lines))
 _, model, vocab = checkpoint.load({charlm!r})[:3]
-if "bf16" not in inspect.signature(inference.generate).parameters:
+if "precision" in inspect.signature(inference.generate).parameters:
+    modes = [("bf16", {{"precision": "bf16"}}), ("int8", {{"precision": "int8"}})]
+elif "bf16" not in inspect.signature(inference.generate).parameters:
     modes = [("fp32", {{}})]
 for streams in (1, 32):
     for mode, kwargs in modes:

@@ -77,7 +77,8 @@ def test_token_batches_take_numpy_lengths_and_every_row_once():
 
 
 def test_wmt14_preset_trains_from_a_local_datasets_folder(tmp_path, cache):
-    """The wmt14-en-fr preset's code path (format hf, translation.en/fr rows), on local JSON files."""
+    """The wmt14-en-fr preset's code path (format hf, translation.en/fr rows), on local JSON files:
+    two runs of their own (the second reads the token cache the first wrote)."""
     folder = tmp_path / "wmt"
     folder.mkdir()
     for split, count in (("train", 3000), ("validation", 40), ("test", 40)):
@@ -86,10 +87,12 @@ def test_wmt14_preset_trains_from_a_local_datasets_folder(tmp_path, cache):
     small = ["model.emb_dim=16", "model.enc_hidden=16", "model.enc_layers=1", "model.dec_hidden=32",
              "model.dec_layers=1", "data.vocab_size=60", "train.max_steps=6", "train.batch_tokens=600",
              "train.warmup_steps=2", "train.bf16=false", "train.eval_every=6"]
+    # the data files a user names with --set are found from the current folder
     local = ["data.hf_path=json", "data.hf_name=''", "data.hf_data_files=wmt/{split}.jsonl"]
     args = ["train", "translator", "--preset", "wmt14-en-fr", "--data-dir", tmp_path, "--device", "cpu"]
     for i, out in enumerate(("first", "second")):
-        result = run_cli(*args, "--output", tmp_path / out, *[x for item in small + local for x in ("--set", item)])
+        result = run_cli(*args, "--output", tmp_path / out, *[x for item in small + local for x in ("--set", item)],
+                         cwd=tmp_path)
         assert result.returncode == 0, result.stderr
         assert "train: 3000 pairs" in result.stderr
         assert ("SentencePiece model from the cache" in result.stderr) == (i == 1)

@@ -9,14 +9,7 @@ import pytest
 
 from seq2seq.errors import UserError
 from seq2seq.limits import LIMITS, check_limits
-from conftest import ROOT, SAMPLE_DIR, run_cli
-
-
-def one_line_error(result, *fragments) -> None:
-    lines = result.stderr.strip().splitlines()
-    assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("seq2seq"), result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
+from conftest import ROOT, SAMPLE_DIR, assert_one_line_error, run_cli
 
 
 @pytest.mark.parametrize("args, fragment", [
@@ -32,7 +25,7 @@ def test_sizes_past_their_bounds_are_refused_in_one_line_before_any_work(args, f
     """`translate --beam 100000` grew to 24 GB and was killed; every size is bounded now, and the
     answer comes before a model is even loaded."""
     started = time.perf_counter()
-    one_line_error(run_cli(*args), fragment)
+    assert_one_line_error(run_cli(*args), fragment)
     assert time.perf_counter() - started < 30
 
 
@@ -76,7 +69,7 @@ def test_paths_typed_with_set_are_read_from_the_current_folder(tmp_path):
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["test"]["test_sentences"] == 20
 
     missing = run_cli("train", "translator", "--preset", "tiny-en-fr", "--output", tmp_path / "other", cwd=tmp_path)
-    one_line_error(missing, "data/sample/tiny.en: file not found",
+    assert_one_line_error(missing, "data/sample/tiny.en: file not found",
                    f"data folder {tmp_path / 'data'}", "--data-dir or $SEQ2SEQ_DATA")
     from_repo = run_cli("train", "translator", "--preset", "tiny-en-fr", "--output", tmp_path / "repo",
                         "--set", "train.max_epochs=1", cwd=ROOT)  # ./data is the default data folder

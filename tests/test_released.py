@@ -10,7 +10,7 @@ from seq2seq import checkpoint
 from seq2seq.inference import generate, score_text, translate
 from seq2seq.metrics import bleu_chrf
 from seq2seq.device import Precision, int8_available
-from conftest import ROOT, run_cli, shared_corpus
+from conftest import ROOT, assert_one_line_error, run_cli, shared_corpus
 
 TRANSLATOR, CHARLM = ROOT / "checkpoints" / "en-fr", ROOT / "checkpoints" / "shakespeare"
 EVERYDAY = ROOT / "data" / "sample" / "everyday"
@@ -80,14 +80,9 @@ def test_translate_and_evaluate_need_no_model_flag(tmp_path):
 
 def test_missing_released_model_is_a_one_line_error(tmp_path):
     import os
-    import subprocess
-    import sys
 
-    env = dict(os.environ, SEQ2SEQ_MODELS=str(tmp_path))
-    result = subprocess.run([sys.executable, "-m", "seq2seq.cli", "translate", "Hello."], capture_output=True,
-                            text=True, env=env)
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert result.stderr.count("\n") == 1 and "pass -m MODEL_FOLDER" in result.stderr
+    result = run_cli("translate", "Hello.", env=dict(os.environ, SEQ2SEQ_MODELS=str(tmp_path)))
+    assert_one_line_error(result, "pass -m MODEL_FOLDER")
 
 
 def test_released_character_model_scores_held_out_shakespeare():

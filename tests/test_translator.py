@@ -62,9 +62,11 @@ def test_scheduled_sampling_mixes_gold_and_predictions():
     src, src_len = random_batch(seed=10, batch=6)
     tgt_in, tgt_out = gold_targets(seed=11, batch=6)
     gold = loss(model(src, src_len, tgt_in), tgt_out)
+    assert torch.equal(loss(model(src, src_len, tgt_in, teacher_forcing=1.0), tgt_out), gold)  # ratio 1: all gold
+    own = loss(model(src, src_len, tgt_in, teacher_forcing=0.0), tgt_out)  # ratio 0: all predictions
     torch.manual_seed(0)
     mixed = loss(model(src, src_len, tgt_in, teacher_forcing=0.5), tgt_out)
-    assert not torch.allclose(gold, mixed)
+    assert not torch.allclose(gold, mixed) and not torch.allclose(own, mixed)
 
 
 def test_padding_does_not_change_a_sentence():

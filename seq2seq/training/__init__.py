@@ -41,6 +41,10 @@ def train(cfg: Config, data_dir: Path | None, output: Path, time_budget: float |
     folder.check(resume)
     state = _start(cfg, cluster, folder if resume else None)
     if resume:
+        ranks = len(state.get("rank_states", [state]))
+        if ranks != cluster.world:  # before the data is read and the model built
+            raise UserError(f"{folder.path}: the run used {ranks} process(es); resume it with as many "
+                            f"(this one has {cluster.world})")
         data_dir = data_dir or Path(json.loads(state["progress"])["data_dir"])
     data_dir = Path(data_dir)
     task = build_task(cfg, data_dir, cluster, folder, resume, init_from)
@@ -138,13 +142,7 @@ def _resume(state: dict, task, optimizer, cluster: Cluster, folder: RunFolder, d
     except ValueError as e:
         raise UserError(f"{folder.path / checkpoint.STATE}: does not match the model ({e})") from None
     progress = Progress.from_json(dict(json.loads(state["progress"]), data_dir=str(data_dir.resolve())))
-    mine = state
-    if cluster.active or "rank_states" in state:
-        ranks = state.get("rank_states", [state])
-        if len(ranks) != cluster.world:
-            raise UserError(f"{folder.path}: the run used {len(ranks)} process(es); resume it with as many "
-                            f"(this one has {cluster.world})")
-        mine = ranks[cluster.rank]
+    mine = state.get("rank_states", [state])[cluster.rank]  # the count was checked in `train`
     torch.set_rng_state(mine["torch_rng"])
     if cluster.device.type == "cuda" and "cuda_rng" in mine:
         torch.cuda.set_rng_state(mine["cuda_rng"], cluster.device)
