@@ -25,7 +25,7 @@ def test_sizes_past_their_bounds_are_refused_in_one_line_before_any_work(args, f
     """`translate --beam 100000` grew to 24 GB and was killed; every size is bounded now, and the
     answer comes before a model is even loaded."""
     started = time.perf_counter()
-    assert_one_line_error(run_cli(*args), fragment)
+    assert_one_line_error(run_cli(*args), fragment, prefix="seq2seq")
     assert time.perf_counter() - started < 30
 
 
