@@ -176,8 +176,8 @@ def decode_bench(model_dir: Path, src: Path, ref: Path | None, repeats: int, pea
     refs = ref.read_text(encoding="utf-8").splitlines() if ref and ref.is_file() else None
     if quick:
         lines, refs = lines[:300], refs[:300] if refs else None
-    out = {"model": str(model_dir), "sentences": len(lines), "default_bf16": inference.decoding_bf16(None, DEVICE),
-           "default_int8": inference.decoding_int8(None, None, DEVICE)}
+    default = device.resolve_precision("auto", DEVICE, "translator")
+    out = {"model": str(model_dir), "sentences": len(lines), "default_bf16": default.bf16, "default_int8": default.int8}
     src_tokens = sum(len(ids) + 1 for ids in tokenizer.encode(lines))
     for beam in (1, 5):
         for precision in precisions():
