@@ -62,6 +62,9 @@ class TranslatorModel:
     input_feeding: bool = False
     tie_embeddings: bool = True
     forget_bias: float = 0.0  # LSTM forget-gate bias at init; 0 = PyTorch's default (near 0)
+    # chrono initialisation (Tallec & Ollivier 2018) of LSTM/GRU gates for dependencies up to
+    # this many steps, in place of forget_bias; 0 = off
+    chrono_horizon: int = 0
 
 
 @dataclass
@@ -79,6 +82,9 @@ class CharLMModel:
     dropout: float = 0.2
     tie_embeddings: bool = True
     forget_bias: float = 0.0  # LSTM forget-gate bias at init; 0 = PyTorch's default (near 0)
+    # chrono initialisation (Tallec & Ollivier 2018) of LSTM/GRU gates for dependencies up to
+    # this many steps, in place of forget_bias; 0 = off
+    chrono_horizon: int = 0
 
 
 @dataclass
@@ -146,6 +152,9 @@ class Config:
                     if problem:
                         raise UserError(f"{source} [{section}] {key}: {problem}, got {getattr(values, key)!r}")
         m = self.model
+        if m.chrono_horizon and m.forget_bias:
+            raise UserError(f"{source} [model] chrono_horizon: the chrono initialisation sets the forget bias itself; "
+                            f"leave forget_bias at 0 (got {m.forget_bias})")
         if self.kind == "translator" and m.attention == "dot" and m.dec_hidden != 2 * m.enc_hidden:
             raise UserError(f"{source} [model] attention: dot attention needs dec_hidden ({m.dec_hidden}) == "
                             f"2 * enc_hidden ({2 * m.enc_hidden})")
@@ -194,7 +203,8 @@ RULES = {
     "model": {"cell": _one_of("lstm", "gru", "rnn"), "attention": _one_of("dot", "general", "additive"),
               "emb_dim": _at_least(1), "enc_hidden": _at_least(1), "enc_layers": _at_least(1), "dec_hidden": _at_least(1),
               "dec_layers": _at_least(1), "hidden": _at_least(1), "layers": _at_least(1),
-              "dropout": _between(0.0, 1.0, high_open=True)},
+              "dropout": _between(0.0, 1.0, high_open=True),
+              "chrono_horizon": lambda v: None if v == 0 or v >= 3 else "must be 0 (off) or at least 3"},
     "train": {"lr": _between(0.0, 10.0), "lr_schedule": _one_of("cosine", "plateau", "constant"),
               "warmup_steps": _at_least(0), "min_lr_ratio": _between(0.0, 1.0), "weight_decay": _at_least(0.0),
               "clip_norm": _at_least(0.0), "label_smoothing": _between(0.0, 1.0, high_open=True),

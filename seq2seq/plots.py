@@ -95,65 +95,133 @@ def attention(weights, source: list[str], target: list[str], out: Path) -> None:
     _save(fig, out)
 
 
-def gradient_norms(curves: dict, lengths, labels, out: Path) -> None:
+COLOURS = {"rnn": "tab:red", "rnn-orthogonal": "tab:pink", "lstm": "tab:blue", "lstm-forget1": "tab:cyan",
+           "lstm-chrono": "tab:green", "gru": "tab:orange", "gru-chrono": "tab:brown"}
+
+
+def recall_accuracy(runs: list[dict], lengths, variants, out: Path) -> None:
+    """Held-out accuracy against T: a dot per seed, the mean and its 95% interval per cell."""
+    from seq2seq.gradient_flow import SYMBOLS, mean_interval
+
     plt = require_matplotlib()
-    fig, axes = plt.subplots(1, len(lengths), figsize=(4.2 * len(lengths), 3.8), sharey=True)
-    colors = dict(zip(labels, ("tab:red", "tab:blue", "tab:green", "tab:olive", "tab:purple")))
-    for ax, length in zip(axes, lengths):
-        for label in labels:
-            for phase, style in (("init", ":"), ("trained", "-")):
-                norms = curves[(length, label, phase)]
-                ax.semilogy(range(1, len(norms) + 1), norms, style, color=colors[label],
-                            label=f"{label}, {'at init' if phase == 'init' else 'trained'}")
-        ax.set_title(f"T = {length}")
-        ax.set_xlabel("step t")
-    axes[0].set_ylabel("||dL/dh_t||")
-    axes[-1].legend(fontsize=7)
-    fig.suptitle("Gradient reaching each hidden state (loss at the last step)")
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    width = 0.8 / len(variants)
+    for k, variant in enumerate(variants):
+        for i, length in enumerate(lengths):
+            values = [r["accuracy"] for r in runs if r["variant"] == variant and r["length"] == length]
+            x = i - 0.4 + (k + 0.5) * width
+            ax.scatter([x] * len(values), values, s=12, color=COLOURS[variant], alpha=0.5)
+            mean, low, high = mean_interval(values)
+            ax.errorbar(x, mean, yerr=[[mean - low], [high - mean]], fmt="_", ms=12, capsize=3,
+                        color=COLOURS[variant], label=variant if i == 0 else None)
+    ax.axhline(1 / SYMBOLS, color="grey", lw=0.8, ls="--", label="chance")
+    ax.set_xticks(range(len(lengths)), [f"T = {n}" for n in lengths])
+    ax.set_ylabel("held-out recall accuracy")
+    ax.set_ylim(0, 1.05)
+    ax.legend(fontsize=8, ncol=2, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    ax.set_title("Recall over a delay: a dot per seed, mean and 95% interval", fontsize=10)
     fig.tight_layout()
     _save(fig, out)
 
 
-def recall_accuracy(summary: dict, lengths, out: Path) -> None:
-    plt = require_matplotlib()
-    fig, ax = plt.subplots(figsize=(5, 3.8))
-    for label, per_length in summary.items():
-        ax.plot(lengths, [per_length[str(n)]["accuracy"] for n in lengths], "o-", label=label)
-    ax.axhline(1 / 8, color="grey", lw=0.8, ls="--", label="chance")
-    ax.set_xscale("log")
-    ax.set_xticks(lengths, [str(n) for n in lengths])
-    ax.set_xlabel("T (steps between the symbol and the question)")
-    ax.set_ylabel("recall accuracy")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    _save(fig, out)
+def recall_training(runs: list[dict], length: int, variants, out: Path) -> None:
+    """At one length, over training steps: held-out accuracy, the gradient ratio, and the RNN's
+    spectral radius with the gated cells' mean keep gate. A line per seed."""
+    from seq2seq.gradient_flow import FLOAT32_FLOOR
 
-
-def exploding(runs: dict, summary: dict, out: Path) -> None:
     plt = require_matplotlib()
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    for label, run in runs.items():
-        axes[0].semilogy(run["grad_norms"], label=label, lw=0.8)
-        axes[1].plot(run["losses"], label=label, lw=0.8)
-    axes[0].set_title(f"pre-clip gradient norm: tanh RNN, recurrent gain {summary['recurrent_gain']}, "
-                      f"{summary['optimizer']}", fontsize=9)
-    axes[1].set_title("training loss")
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    for run in (r for r in runs if r["length"] == length and r["variant"] in variants):
+        steps, colour = [h["step"] for h in run["history"]], COLOURS[run["variant"]]
+        first = run["seed"] == min(r["seed"] for r in runs)
+        axes[0].plot(steps, [h["accuracy"] for h in run["history"]], color=colour, lw=0.8,
+                     label=run["variant"] if first else None)
+        axes[1].semilogy(steps, [max(h["ratio"], 1e-300) for h in run["history"]], color=colour, lw=0.8)
+        gate = [h.get("spectral_radius") or h.get("keep_gate") for h in run["history"]]
+        if gate[0] is not None:
+            axes[2].plot(steps, gate, color=colour, lw=0.8, ls="-" if run["variant"].startswith("rnn") else "--")
+    axes[1].axhline(FLOAT32_FLOOR, color="grey", lw=0.8, ls=":", label="float32's floor (2^-24)")
+    axes[0].set_ylabel("held-out accuracy")
+    axes[1].set_ylabel("||dL/de_1|| / ||dL/de_T|| (median over examples)")
+    axes[2].set_ylabel("RNN: spectral radius (solid); gated: mean keep gate (dashed)")
     for ax in axes:
-        ax.set_xlabel("step")
-        ax.legend()
+        ax.set_xlabel("training step")
+    axes[0].legend(fontsize=8)
+    axes[1].legend(fontsize=8)
+    fig.suptitle(f"T = {length}, a line per seed", fontsize=10)
     fig.tight_layout()
     _save(fig, out)
 
 
-def truncated_bptt(runs: dict, summary: dict, out: Path) -> None:
+def gradient_ratio(runs: list[dict], lengths, variants, out: Path) -> None:
+    """The gradient ratio against T, at initialisation and at the end of training (median over
+    seeds), with float32's floor."""
+    from seq2seq.gradient_flow import FLOAT32_FLOOR
+
     plt = require_matplotlib()
-    fig, ax = plt.subplots(figsize=(6, 3.8))
-    for window, run in runs.items():
-        s = summary[str(window)]
-        ax.plot(run["chars"], run["losses"], lw=0.8,
-                label=f"bptt {window}: {s['saved_activation_mb']} MB saved/step, valid {s['valid_nats_per_char']} nats/char")
-    ax.set_xlabel("training characters")
-    ax.set_ylabel("train loss (nats/char)")
-    ax.legend(fontsize=8)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    for ax, (title, index) in zip(axes, (("at initialisation", 0), ("at the end of training", -1))):
+        for variant in variants:
+            medians = []
+            for length in lengths:
+                ratios = sorted(r["history"][index]["ratio"] for r in runs
+                                if r["variant"] == variant and r["length"] == length)
+                medians.append(max(ratios[len(ratios) // 2], 1e-300))
+            ax.semilogy(range(len(lengths)), medians, "o-", color=COLOURS[variant], label=variant)
+        ax.axhline(FLOAT32_FLOOR, color="grey", lw=0.8, ls=":", label="float32's floor")
+        ax.set_xticks(range(len(lengths)), [f"T = {n}" for n in lengths])
+        ax.set_title(title, fontsize=10)
+    axes[0].set_ylabel("||dL/de_1|| / ||dL/de_T||, median over seeds")
+    axes[1].legend(fontsize=8)
+    fig.tight_layout()
+    _save(fig, out)
+
+
+def exploding(runs: list[dict], out: Path) -> None:
+    """Pre-clip gradient norms of every step of every seed, per recurrent gain, with and without
+    clipping."""
+    import math
+
+    plt = require_matplotlib()
+    gains = sorted({r["gain"] for r in runs})
+    fig, axes = plt.subplots(1, len(gains), figsize=(4.5 * len(gains), 4), sharey=True)
+    for ax, gain in zip(axes, gains):
+        data, labels = [], []
+        for clip in (None, 1.0):
+            chosen = [r for r in runs if r["gain"] == gain and r["clip"] == clip]
+            data.append([math.log10(max(n, 1e-12)) for r in chosen for n in r["grad_norms"] if math.isfinite(n)])
+            labels.append(f"{'clip 1' if clip else 'no clip'}\n{sum(r['diverged'] for r in chosen)}/{len(chosen)} diverged")
+        ax.violinplot(data, showmedians=True)
+        ax.set_xticks([1, 2], labels)
+        ax.set_title(f"recurrent gain {gain}", fontsize=10)
+    axes[0].set_ylabel("log10 pre-clip gradient norm, all steps")
+    fig.suptitle("tanh RNN, SGD: gradient norms over training, all seeds", fontsize=10)
+    fig.tight_layout()
+    _save(fig, out)
+
+
+def truncated_bptt(curves: dict, windows: dict, fit: dict, out: Path) -> None:
+    """Left: training loss per update at each window. Right: step time and saved memory against
+    T and H on log-log axes, with the fitted exponents."""
+    plt = require_matplotlib()
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    for window, losses in curves.items():
+        s = windows[str(window)]
+        axes[0].plot(range(1, len(losses) + 1), losses, lw=0.8,
+                     label=f"window {window}: {s['saved_for_backward_mb']} MB, valid {s['valid_nats_per_char']}")
+    axes[0].set_xlabel("update")
+    axes[0].set_ylabel("training loss (nats/char)")
+    axes[0].legend(fontsize=8)
+    for ax, axis, name in ((axes[1], "length", "T"), (axes[2], "hidden", "H")):
+        sizes = fit[f"{axis}s"]
+        ax.loglog(sizes, fit[f"seconds_by_{axis}"], "o-", label=f"step time, exponent {fit['fitted'][f'time_in_{name}']}")
+        twin = ax.twinx()
+        twin.loglog(sizes, [b / 2**20 for b in fit[f"bytes_by_{axis}"]], "s--", color="tab:orange",
+                    label=f"saved memory, exponent {fit['fitted'][f'memory_in_{name}']}")
+        ax.set_xlabel(name)
+        ax.set_ylabel("seconds per forward + backward")
+        twin.set_ylabel("MiB kept for backward")
+        ax.legend(fontsize=8, loc="upper left")
+        twin.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     _save(fig, out)

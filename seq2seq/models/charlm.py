@@ -13,7 +13,8 @@ class CharLM(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.embed = nn.Embedding(vocab_size, cfg.emb_dim)
-        self.rnn = make_rnn(cfg.cell, cfg.emb_dim, cfg.hidden, cfg.layers, cfg.dropout, forget_bias=cfg.forget_bias)
+        self.rnn = make_rnn(cfg.cell, cfg.emb_dim, cfg.hidden, cfg.layers, cfg.dropout, forget_bias=cfg.forget_bias,
+                            chrono_horizon=cfg.chrono_horizon)
         # Tying needs the projection's input to have the embedding's size.
         self.bottleneck = nn.Linear(cfg.hidden, cfg.emb_dim) if cfg.tie_embeddings and cfg.hidden != cfg.emb_dim else None
         self.out = nn.Linear(cfg.emb_dim if self.bottleneck else cfg.hidden, vocab_size)

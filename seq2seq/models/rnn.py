@@ -107,15 +107,18 @@ CELLS = {"lstm": LSTM, "gru": GRU, "rnn": RNN}
 
 
 def make_rnn(cell: str, input_size: int, hidden_size: int, layers: int, dropout: float,
-             bidirectional: bool = False, forget_bias: float = 0.0) -> nn.RNNBase:
-    """forget_bias 0 keeps PyTorch's initialisation; otherwise an LSTM's forget gates start with
-    that total bias (see `set_forget_bias`)."""
+             bidirectional: bool = False, forget_bias: float = 0.0, chrono_horizon: int = 0) -> nn.RNNBase:
+    """forget_bias 0 and chrono_horizon 0 keep PyTorch's initialisation; otherwise an LSTM's
+    forget gates start with that total bias (`set_forget_bias`), or the gates of an LSTM or GRU
+    with the chrono initialisation for that horizon (`set_chrono_init`)."""
     if cell not in CELLS:
         raise UserError(f"model.cell must be one of {', '.join(CELLS)}, got {cell!r}")
     rnn = CELLS[cell](input_size, hidden_size, num_layers=layers, batch_first=True,
                       dropout=dropout if layers > 1 else 0.0, bidirectional=bidirectional)
     if forget_bias:
         set_forget_bias(rnn, forget_bias)
+    if chrono_horizon:
+        set_chrono_init(rnn, chrono_horizon)
     return rnn
 
 
@@ -173,3 +176,27 @@ def keep_mask(x: torch.Tensor, p: float) -> torch.Tensor:
     bits = torch.randint(-2**63, 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64, device=x.device)
     keep = bits.view(torch.int16)[:n].view(x.shape) >= dropped - 32768
     return keep.to(x.dtype) * (65536 / (65536 - dropped))
+
+
+def set_chrono_init(rnn: nn.RNNBase, horizon: int, generator: torch.Generator | None = None) -> None:
+    """The chrono initialisation of Tallec & Ollivier (2018) for dependencies up to `horizon`
+    steps: each unit's keep-gate bias drawn as log U(1, horizon - 1), so its memory spans from one
+    step to the horizon. An LSTM's forget bias takes that value and its input bias the negative
+    (the cell starts closed to new input as well as open to the old); a GRU's update gate, which
+    keeps the old state, takes it alone. A plain RNN has no gate and is left as it is."""
+    if horizon < 3:
+        raise UserError(f"the chrono initialisation needs a horizon of at least 3 steps, got {horizon}")
+    if not isinstance(rnn, (nn.LSTM, nn.GRU)):
+        return
+    size = rnn.hidden_size
+    with torch.no_grad():
+        for name, param in rnn.named_parameters():
+            if not name.startswith(("bias_ih", "bias_hh")):
+                continue
+            param[: 2 * size] = 0.0
+            if name.startswith("bias_ih"):
+                keep = torch.log(1 + torch.rand(size, generator=generator) * (horizon - 2))
+                if isinstance(rnn, nn.LSTM):
+                    param[:size], param[size : 2 * size] = -keep, keep
+                else:
+                    param[size : 2 * size] = keep

@@ -22,11 +22,11 @@ class Translator(nn.Module):
         memory_size = 2 * cfg.enc_hidden
         self.embed = nn.Embedding(vocab_size, cfg.emb_dim, padding_idx=PAD)
         self.encoder = make_rnn(cfg.cell, cfg.emb_dim, cfg.enc_hidden, cfg.enc_layers, cfg.dropout, bidirectional=True,
-                               forget_bias=cfg.forget_bias)
+                               forget_bias=cfg.forget_bias, chrono_horizon=cfg.chrono_horizon)
         self.bridge = nn.Linear(memory_size, cfg.dec_layers * cfg.dec_hidden)
         decoder_input = cfg.emb_dim * (2 if cfg.input_feeding else 1)
         self.decoder = make_rnn(cfg.cell, decoder_input, cfg.dec_hidden, cfg.dec_layers, cfg.dropout,
-                                forget_bias=cfg.forget_bias)
+                                forget_bias=cfg.forget_bias, chrono_horizon=cfg.chrono_horizon)
         self.attention = Attention(cfg.attention, cfg.dec_hidden, memory_size)
         self.combine = nn.Linear(memory_size + cfg.dec_hidden, cfg.emb_dim, bias=False)
         self.squash = nn.Tanh()  # the attentional layer's nonlinearity: a module, so fast decoding can swap it
