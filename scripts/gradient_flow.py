@@ -45,7 +45,7 @@ MODES = {
               "exploding": {"seeds": 5, "gains": (1.0, 2.0, 3.0), "steps": 300},
               "bptt": {"windows": (16, 64, 256), "updates": 120, "hidden": 128, "batch": 16,
                        "fit_lengths": (32, 64, 128, 256), "fit_hiddens": (64, 128, 256, 512), "repeats": 3}},
-    "full": {"lengths": (10, 30, 100, 200), "variants": tuple(VARIANTS), "seeds": 10, "budget": 2000,
+    "full": {"lengths": (10, 30, 100, 200), "variants": tuple(VARIANTS), "seeds": 10, "budget": 1500,
              "exploding": {"seeds": 10, "gains": (1.0, 2.0, 3.0), "steps": 500},
              "bptt": {"windows": (16, 64, 256), "updates": 400, "hidden": 256, "batch": 32,
                       "fit_lengths": (32, 64, 128, 256, 512), "fit_hiddens": (64, 128, 256, 512, 1024), "repeats": 5}},
@@ -217,8 +217,10 @@ def calibrate(args) -> dict:
 
 
 def machine() -> dict:
-    return {"processor": platform.processor() or platform.machine(), "cores": multiprocessing.cpu_count(),
-            "torch": torch.__version__, "python": platform.python_version()}
+    from seq2seq.device import describe
+
+    return {"cpu": describe()["cpu"], "cores": multiprocessing.cpu_count(), "torch": torch.__version__,
+            "python": platform.python_version()}
 
 
 def run(args) -> dict:

@@ -125,29 +125,30 @@ def recall_accuracy(runs: list[dict], lengths, variants, out: Path) -> None:
 
 
 def recall_training(runs: list[dict], length: int, variants, out: Path) -> None:
-    """At one length, over training steps: held-out accuracy, the gradient ratio, and the RNN's
-    spectral radius with the gated cells' mean keep gate. A line per seed."""
+    """At one length, over training steps, a line per seed: held-out accuracy, the gradient
+    ratio, the RNN's spectral radius and the gated cells' mean keep gate."""
     from seq2seq.gradient_flow import FLOAT32_FLOOR
 
     plt = require_matplotlib()
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8))
+    (acc, ratio), (radius, keep) = axes
+    first_seed = min(r["seed"] for r in runs)
     for run in (r for r in runs if r["length"] == length and r["variant"] in variants):
         steps, colour = [h["step"] for h in run["history"]], COLOURS[run["variant"]]
-        first = run["seed"] == min(r["seed"] for r in runs)
-        axes[0].plot(steps, [h["accuracy"] for h in run["history"]], color=colour, lw=0.8,
-                     label=run["variant"] if first else None)
-        axes[1].semilogy(steps, [max(h["ratio"], 1e-300) for h in run["history"]], color=colour, lw=0.8)
-        gate = [h.get("spectral_radius") or h.get("keep_gate") for h in run["history"]]
-        if gate[0] is not None:
-            axes[2].plot(steps, gate, color=colour, lw=0.8, ls="-" if run["variant"].startswith("rnn") else "--")
-    axes[1].axhline(FLOAT32_FLOOR, color="grey", lw=0.8, ls=":", label="float32's floor (2^-24)")
-    axes[0].set_ylabel("held-out accuracy")
-    axes[1].set_ylabel("||dL/de_1|| / ||dL/de_T|| (median over examples)")
-    axes[2].set_ylabel("RNN: spectral radius (solid); gated: mean keep gate (dashed)")
-    for ax in axes:
+        acc.plot(steps, [h["accuracy"] for h in run["history"]], color=colour, lw=0.8,
+                 label=run["variant"] if run["seed"] == first_seed else None)
+        ratio.semilogy(steps, [max(h["ratio"], 1e-300) for h in run["history"]], color=colour, lw=0.8)
+        if "spectral_radius" in run["history"][0]:
+            radius.plot(steps, [h["spectral_radius"] for h in run["history"]], color=colour, lw=0.8)
+        if run["history"][0]["keep_gate"] is not None:
+            keep.plot(steps, [h["keep_gate"] for h in run["history"]], color=colour, lw=0.8)
+    ratio.axhline(FLOAT32_FLOOR, color="grey", lw=0.8, ls=":", label="float32's floor (2^-24)")
+    for ax, label in ((acc, "held-out accuracy"), (ratio, "||dL/de_1|| / ||dL/de_T||, median"),
+                      (radius, "spectral radius of W_hh (RNN)"), (keep, "mean keep gate (LSTM f, GRU z)")):
+        ax.set_ylabel(label)
         ax.set_xlabel("training step")
-    axes[0].legend(fontsize=8)
-    axes[1].legend(fontsize=8)
+    acc.legend(fontsize=8)
+    ratio.legend(fontsize=8)
     fig.suptitle(f"T = {length}, a line per seed", fontsize=10)
     fig.tight_layout()
     _save(fig, out)
@@ -204,6 +205,8 @@ def truncated_bptt(curves: dict, windows: dict, fit: dict, out: Path) -> None:
     """Left: training loss per update at each window. Right: step time and saved memory against
     T and H on log-log axes, with the fitted exponents."""
     plt = require_matplotlib()
+    from matplotlib.ticker import NullLocator
+
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     for window, losses in curves.items():
         s = windows[str(window)]
@@ -218,6 +221,8 @@ def truncated_bptt(curves: dict, windows: dict, fit: dict, out: Path) -> None:
         twin = ax.twinx()
         twin.loglog(sizes, [b / 2**20 for b in fit[f"bytes_by_{axis}"]], "s--", color="tab:orange",
                     label=f"saved memory, exponent {fit['fitted'][f'memory_in_{name}']}")
+        ax.set_xticks(sizes, [str(n) for n in sizes])
+        ax.xaxis.set_minor_locator(NullLocator())
         ax.set_xlabel(name)
         ax.set_ylabel("seconds per forward + backward")
         twin.set_ylabel("MiB kept for backward")

@@ -76,8 +76,8 @@ class GradientWatch:
         if median < VANISHING_BELOW and "vanishing" not in self.warned:
             self.warned.add("vanishing")
             log.warning("gradients are vanishing: median pre-clip norm %.2g over the last %d steps (below %g); "
-                        "an lstm or gru cell, model.forget_bias=1 or a higher train.lr may help "
-                        "(see scripts/gradient_flow.py)", median, GRADIENT_WINDOW, VANISHING_BELOW)
+                        "an lstm or gru cell with model.chrono_horizon set to the span the task needs "
+                        "may help (docs/gradient-flow.md)", median, GRADIENT_WINDOW, VANISHING_BELOW)
         if median > EXPLODING_ABOVE and "exploding" not in self.warned:
             self.warned.add("exploding")
             log.warning("gradients are exploding: median pre-clip norm %.3g over the last %d steps (above %g); "
