@@ -1,8 +1,8 @@
-"""The checkpoint folder, one format for both models.
+"""The checkpoint folder, one format for every model kind.
 
   config.json         Config (versioned) - enough to rebuild the model
   model.safetensors   weights of the best model (no pickle: loading runs no code)
-  spm.model | vocab.json   the tokenizer
+  spm.model | vocab.json   the tokenizer (a classifier's: spm.model and labels.json)
   metrics.json        the best model's scores
   resume.safetensors + train_state.pt   the latest weights and optimizer/RNG/step state, for --resume
 """
@@ -70,6 +70,25 @@ def load_weights(model: torch.nn.Module, path: Path) -> None:
             own[name].copy_(saved[name])
 
 
+def load_encoder(model: torch.nn.Module, path: Path) -> None:
+    """A translator's embedding and encoder (`embed.*`, `encoder.*`) into a model with parts of
+    the same names and shapes (a classifier); the rest of the model keeps its initialisation."""
+    if not path.is_file():
+        raise UserError(f"{path}: not found")
+    try:
+        saved = load_file(str(path))
+    except SafetensorError as e:
+        raise UserError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0][:160]})") from None
+    own = model.state_dict()
+    names = [n for n in own if n.startswith(("embed.", "encoder."))]
+    with torch.no_grad():
+        for name in names:
+            if name not in saved or saved[name].shape != own[name].shape:
+                found = tuple(saved[name].shape) if name in saved else "nothing"
+                raise UserError(f"{path}: {name} is {found}, the model needs {tuple(own[name].shape)}")
+            own[name].copy_(saved[name])
+
+
 def _mismatch(model: torch.nn.Module, path: Path) -> str | None:
     """Where the usual culprit, a tokenizer of another size than the embedding, explains it."""
     with safe_open(str(path), "pt") as f:
@@ -111,14 +130,19 @@ def save_json(obj: dict, path: Path) -> None:
 def kind_classes(kind: str) -> tuple[type, type]:
     """The model class and the tokenizer class of a model kind: the one place that maps a kind to them."""
     from seq2seq.models.charlm import CharLM
+    from seq2seq.models.classifier import Classifier
     from seq2seq.models.translator import Translator
-    from seq2seq.tokenizer import CharVocab, SubwordTokenizer
+    from seq2seq.tokenizer import CharVocab, LabelledTokenizer, SubwordTokenizer
 
-    return {"translator": (Translator, SubwordTokenizer), "charlm": (CharLM, CharVocab)}[kind]
+    return {"translator": (Translator, SubwordTokenizer), "charlm": (CharLM, CharVocab),
+            "classifier": (Classifier, LabelledTokenizer)}[kind]
 
 
 def build(cfg: Config, tokenizer):
-    return kind_classes(cfg.kind)[0](cfg.model, len(tokenizer))
+    model_class = kind_classes(cfg.kind)[0]
+    if cfg.kind == "classifier":  # its output size is the number of labels, which the tokenizer holds
+        return model_class(cfg.model, len(tokenizer), len(tokenizer.labels))
+    return model_class(cfg.model, len(tokenizer))
 
 
 def load(folder: str | Path, weights: str = BEST, device: str = "cpu"):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -57,12 +58,13 @@ def nonnegative_float(text: str) -> float:
 
 
 def parser() -> argparse.ArgumentParser:
-    top = Parser(prog="seq2seq", description="Recurrent sequence models: translation and character LMs.")
+    top = Parser(prog="seq2seq", description="Recurrent sequence models: translation, character LMs and sentence classification.")
     sub = top.add_subparsers(dest="command", required=True)
     add_train_parser(sub)
     add_translate_parser(sub)
     add_generate_parser(sub)
     add_evaluate_parser(sub)
+    add_classify_parser(sub)
     p = sub.add_parser("plot", help="draw a training run's curves from its metrics.jsonl (needs matplotlib)")
     p.add_argument("run", type=Path, help="the run's folder (--output of train)")
     p.add_argument("-o", "--output", type=Path, help="PNG to write (default RUN/curves.png)")
@@ -73,7 +75,7 @@ def add_train_parser(sub) -> None:
     p = sub.add_parser("train", help="train a translator or a character language model",
                        epilog="A translator's training pairs are tokenized once into a cache under $SEQ2SEQ_CACHE "
                               "(default ~/.cache/seq2seq) that later runs on the same data reuse.")
-    p.add_argument("kind", choices=["translator", "charlm"])
+    p.add_argument("kind", choices=["translator", "charlm", "classifier"])
     p.add_argument("--preset", help=f"a shipped preset ({', '.join(preset_names())}) or a TOML file")
     p.add_argument("--data-dir", type=Path,
                    help="the folder a preset's corpus names are read from (default $SEQ2SEQ_DATA, else ./data); "
@@ -83,9 +85,10 @@ def add_train_parser(sub) -> None:
                    help="plan the run to end, annealed, when this much wall clock is spent")
     p.add_argument("--output", type=Path, help="model folder (default checkpoints/PRESET)")
     p.add_argument("--resume", action="store_true", help="continue the run saved in --output")
-    p.add_argument("--init-from", type=Path, metavar="MODEL",
+    p.add_argument("--init-from", "--init-encoder-from", type=Path, metavar="MODEL",
                    help="start from this model folder's weights and tokenizer (fine-tuning; its model.* settings "
-                        "replace the preset's), with a fresh optimizer and schedule")
+                        "replace the preset's), with a fresh optimizer and schedule; a classifier may start from a "
+                        "translator: its tokenizer, embedding and encoder (model.freeze_encoder=true keeps them)")
     add_device_arg(p)
     p.add_argument("--skip-bad-lines", action="store_true",
                    help="translator: skip TSV lines that are not source<TAB>target (counted in the log) instead of stopping")
@@ -93,10 +96,7 @@ def add_train_parser(sub) -> None:
 
 def add_translate_parser(sub) -> None:
     p = sub.add_parser("translate", help="translate sentences (arguments, -i FILE, or standard input)")
-    p.add_argument("-m", "--model", type=Path, help="model folder (default: the released translator, checkpoints/en-fr)")
-    p.add_argument("text", nargs="*", help="sentences to translate")
-    p.add_argument("-i", "--input", type=Path, help="one sentence per line")
-    p.add_argument("-o", "--output", type=Path, help="write here instead of standard output")
+    add_sentence_args(p, "translate", "the released translator, checkpoints/en-fr")
     add_decoding_args(p)
     p.add_argument("--nbest", type=bounded_int(1, LIMITS["nbest"]), default=1,
                    help="hypotheses per input (one line each; at most --beam)")
@@ -134,7 +134,8 @@ def add_evaluate_parser(sub) -> None:
                    "inputs ask for: checkpoints/en-fr for --src/--ref or --tsv, checkpoints/shakespeare for --text)")
     p.add_argument("--src", type=Path, help="translator: source sentences")
     p.add_argument("--ref", type=Path, help="translator: reference translations")
-    p.add_argument("--tsv", type=Path, help="translator: a test set of source<TAB>reference lines")
+    p.add_argument("--tsv", type=Path, help="translator: a test set of source<TAB>reference lines; classifier: a "
+                   "labelled file with a header (tsv, or csv / jsonl by its suffix), columns as the model was trained")
     p.add_argument("--skip-bad-lines", action="store_true", help="--tsv: skip lines that are not source<TAB>reference")
     p.add_argument("--hyp-output", type=Path, help="translator: also write the translations here")
     add_decoding_args(p, beam_default=None)
@@ -149,6 +150,21 @@ def add_evaluate_parser(sub) -> None:
                    help="continuations: sampling temperature (default 0: greedy)")
     p.add_argument("--seed", type=int, default=1, help="continuations: random seed (default 1)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def add_sentence_args(p: argparse.ArgumentParser, verb: str, default_model: str) -> None:
+    p.add_argument("-m", "--model", type=Path, help=f"model folder (default: {default_model})")
+    p.add_argument("text", nargs="*", help=f"sentences to {verb}")
+    p.add_argument("-i", "--input", type=Path, help="one sentence per line")
+    p.add_argument("-o", "--output", type=Path, help="write here instead of standard output")
+
+
+def add_classify_parser(sub) -> None:
+    p = sub.add_parser("classify", help="label sentences with a classifier (arguments, -i FILE, or standard input)")
+    add_sentence_args(p, "classify", "the released classifier, checkpoints/sst2")
+    p.add_argument("--batch-size", type=bounded_int(1, LIMITS["batch_size"]), default=320,
+                   help=f"sentences classified together (default 320, at most {LIMITS['batch_size']:,})")
+    add_device_arg(p)
 
 
 def add_decoding_args(p: argparse.ArgumentParser, beam_default: int | None = 5) -> None:
@@ -209,7 +225,7 @@ def cmd_train(args) -> None:
     if cfg.kind != args.kind:
         raise UserError(f"{args.output} holds a {cfg.kind} model, not a {args.kind}")
     if args.init_from:
-        cfg.model = init_model_settings(args, cfg.kind)
+        cfg.model = init_model_settings(args, cfg)
     output = args.output or Path("checkpoints") / cfg.preset
     data_dir = args.data_dir or (None if args.resume else default_data_dir())
     best = train(cfg, data_dir, output, time_budget=args.time_budget, resume=args.resume, device=args.device,
@@ -218,17 +234,27 @@ def cmd_train(args) -> None:
         print(json.dumps({"output": str(output), "best": best}))
 
 
-def init_model_settings(args, kind: str):
-    """The model settings of the --init-from folder, which the new run must build to load its weights."""
+def init_model_settings(args, cfg: Config):
+    """The model settings of the --init-from folder, which the new run must build to load its
+    weights; a classifier from a translator takes the shape of its embedding and encoder."""
     if args.resume:
         raise UserError("--init-from starts a new run from a model; --resume continues a run: give one of them")
     if not (args.init_from / "config.json").is_file():
         raise UserError(f"--init-from {args.init_from}: not a model folder (no config.json)")
-    if any(item.strip().startswith("model.") for item in args.set):
-        raise UserError("--init-from builds the model of that folder: drop the --set model.* overrides")
     init = Config.load(args.init_from / "config.json")
-    if init.kind != kind:
-        raise UserError(f"--init-from {args.init_from} holds a {init.kind} model, not a {kind}")
+    overridden = {item.strip().split("=", 1)[0].removeprefix("model.") for item in args.set
+                  if item.strip().startswith("model.")}
+    if cfg.kind == "classifier" and init.kind == "translator":
+        shaped = sorted(overridden & {"cell", "emb_dim", "hidden", "layers", "bidirectional"})
+        if shaped:
+            raise UserError(f"--init-from {args.init_from} sets the encoder's shape: drop --set model.{shaped[0]}")
+        m = init.model
+        return dataclasses.replace(cfg.model, cell=m.cell, emb_dim=m.emb_dim, hidden=m.enc_hidden, layers=m.enc_layers,
+                                   bidirectional=True)
+    if overridden:
+        raise UserError("--init-from builds the model of that folder: drop the --set model.* overrides")
+    if init.kind != cfg.kind:
+        raise UserError(f"--init-from {args.init_from} holds a {init.kind} model, not a {cfg.kind}")
     return init.model
 
 
@@ -254,7 +280,7 @@ def write_output(lines: list[str], path: Path | None) -> None:
     write_text_atomic(path, text)
 
 
-RELEASED = {"translator": "en-fr", "charlm": "shakespeare"}
+RELEASED = {"translator": "en-fr", "charlm": "shakespeare", "classifier": "sst2"}
 
 
 def released_model(kind: str) -> Path:
@@ -262,7 +288,7 @@ def released_model(kind: str) -> Path:
     root = Path(os.environ.get("SEQ2SEQ_MODELS", Path(__file__).resolve().parent.parent / "checkpoints"))
     folder = root / RELEASED[kind]
     if not (folder / "config.json").is_file():
-        what = "translator" if kind == "translator" else "character model"
+        what = {"translator": "translator", "charlm": "character model", "classifier": "classifier"}[kind]
         raise UserError(f"no -m given and the released {what} is missing ({folder}): pass -m MODEL_FOLDER, "
                         f"or train one with `seq2seq train {kind} --preset ... --output {folder}`")
     return folder
@@ -324,6 +350,17 @@ def draw_attention(model, tokenizer, lines: list[str], args) -> None:
     print(f"seq2seq: attention of {lines[0][:40]!r} drawn in {args.attention_png}", file=sys.stderr)
 
 
+def cmd_classify(args) -> None:
+    from seq2seq.inference import classify
+
+    check_outputs(args.output)
+    lines = read_inputs(args)
+    cfg, model, tokenizer = load_kind(args.model, "classifier", args.device)
+    results = classify(model, tokenizer, lines, cfg.data.normalize, cfg.data.max_tokens, args.batch_size,
+                       progress=len(lines) > 10_000)
+    write_output(["" if r is None else f"{r[0]}\t{r[1]:.4f}" for r in results], args.output)
+
+
 def cmd_plot(args) -> None:
     from seq2seq.plots import training_curves
 
@@ -377,6 +414,8 @@ def cmd_evaluate(args) -> None:
     started = time.perf_counter()
     if cfg.kind == "translator":
         result = evaluate_translator(args, model, tokenizer)
+    elif cfg.kind == "classifier":
+        result = evaluate_classifier(args, cfg, model, tokenizer)
     else:
         result = evaluate_charlm(args, model, tokenizer)
     result["seconds"] = round(time.perf_counter() - started, 2)
@@ -417,6 +456,35 @@ def evaluate_translator(args, model, tokenizer) -> dict:
     return result
 
 
+def evaluate_classifier(args, cfg, model, tokenizer) -> dict:
+    from seq2seq.data import iter_labelled
+    from seq2seq.inference import classify
+    from seq2seq.metrics import classification_scores
+
+    if not args.tsv:
+        raise UserError("evaluating a classifier needs --tsv, a labelled file")
+    fmt = {".csv": "csv", ".jsonl": "jsonl"}.get(args.tsv.suffix, "tsv")
+    examples = list(iter_labelled(args.tsv, fmt, cfg.data.label_column, cfg.data.text_column))
+    if not examples:
+        raise UserError(f"{args.tsv}: no labelled examples to evaluate")
+    index = {label: i for i, label in enumerate(tokenizer.labels)}
+    index.update({tokenizer.shown(i): i for i in range(len(tokenizer.labels))})  # "positive" as well as "1"
+    for label, _, number in examples:
+        if label not in index:
+            raise UserError(f"{args.tsv}:{number}: label {label!r} is not one the model knows "
+                            f"({', '.join(dict.fromkeys([*tokenizer.labels, *map(tokenizer.shown, range(len(tokenizer.labels)))]))})")
+    started = time.perf_counter()
+    results = classify(model, tokenizer, [text for _, text, _ in examples], cfg.data.normalize, cfg.data.max_tokens,
+                       progress=True)
+    seconds = time.perf_counter() - started
+    shown = {tokenizer.shown(i): i for i in range(len(tokenizer.labels))}
+    predicted = [shown[r[0]] if r else 0 for r in results]
+    result = classification_scores([index[label] for label, _, _ in examples], predicted,
+                                   [tokenizer.shown(i) for i in range(len(tokenizer.labels))])
+    result["sentences_per_s"] = round(len(examples) / max(seconds, 1e-9), 1)
+    return result
+
+
 def evaluate_charlm(args, model, vocab) -> dict:
     import torch
 
@@ -449,7 +517,7 @@ def evaluate_charlm(args, model, vocab) -> dict:
 
 
 COMMANDS = {"train": cmd_train, "translate": cmd_translate, "generate": cmd_generate, "evaluate": cmd_evaluate,
-            "plot": cmd_plot}
+            "classify": cmd_classify, "plot": cmd_plot}
 
 
 def main(argv: list[str] | None = None) -> int:

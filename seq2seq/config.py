@@ -18,7 +18,7 @@ from seq2seq.errors import UserError
 from seq2seq.files import write_text_atomic
 
 FORMAT_VERSION = 1
-KINDS = ("translator", "charlm")
+KINDS = ("translator", "charlm", "classifier")
 
 
 @dataclass
@@ -88,6 +88,43 @@ class CharLMModel:
 
 
 @dataclass
+class ClassifierData:
+    # tsv | csv: a header line, then one example a line; jsonl: one JSON object a line;
+    # hf: a Hugging Face dataset (a hub name such as "stanfordnlp/sst2", or a local loader such as "json")
+    format: str = "tsv"
+    train: str = ""
+    dev: str = ""
+    test: str = ""
+    label_column: str = "label"  # a header name or field, or a column number counted from 0
+    # the same; "" = the first of sentence, text, content, review present, else the one other column
+    text_column: str = ""
+    label_names: str = ""  # e.g. "0=negative,1=positive": how labels are shown; "" = as in the data
+    hf_path: str = ""
+    hf_name: str = ""
+    hf_data_files: str = ""
+    # lower-split: lower-case and split punctuation and clitics off words ("isn't!" -> "is n't !"),
+    # as SST-2's text is; applied to training text and to every input classified | none
+    normalize: str = "lower-split"
+    max_tokens: int = 128  # longer inputs keep their first max_tokens subwords
+    vocab_size: int = 8000
+    spm_model_type: str = "unigram"
+
+
+@dataclass
+class ClassifierModel:
+    cell: str = "lstm"
+    emb_dim: int = 256
+    hidden: int = 256  # per direction
+    layers: int = 1
+    bidirectional: bool = True
+    pooling: str = "max"  # over time: last (state) | mean | max
+    dropout: float = 0.5
+    freeze_encoder: bool = False  # keep the embedding and the recurrent encoder as initialised (--init-from)
+    forget_bias: float = 0.0
+    chrono_horizon: int = 0
+
+
+@dataclass
 class TrainConfig:
     seed: int = 1
     lr: float = 2e-3
@@ -151,6 +188,9 @@ class Config:
                     problem = rule(getattr(values, key))
                     if problem:
                         raise UserError(f"{source} [{section}] {key}: {problem}, got {getattr(values, key)!r}")
+        formats = {"translator": ("parallel", "tsv", "hf"), "classifier": ("tsv", "csv", "jsonl", "hf")}.get(self.kind)
+        if formats and self.data.format not in formats:
+            raise UserError(f"{source} [data] format: a {self.kind} reads {', '.join(formats)}, got {self.data.format!r}")
         m = self.model
         if m.chrono_horizon and m.forget_bias:
             raise UserError(f"{source} [model] chrono_horizon: the chrono initialisation sets the forget bias itself; "
@@ -176,7 +216,8 @@ class Config:
         return cls.from_dict(raw, str(path))
 
 
-_SECTIONS = {"translator": (TranslatorData, TranslatorModel), "charlm": (CharLMData, CharLMModel)}
+_SECTIONS = {"translator": (TranslatorData, TranslatorModel), "charlm": (CharLMData, CharLMModel),
+             "classifier": (ClassifierData, ClassifierModel)}
 
 
 def _one_of(*choices):
@@ -196,14 +237,15 @@ def _between(low, high, high_open: bool = False):
 
 # What each setting may be; the classes above give their meaning and defaults.
 RULES = {
-    "data": {"format": _one_of("parallel", "tsv", "hf"), "max_tokens": _at_least(1),
+    "data": {"normalize": _one_of("lower-split", "none"), "max_tokens": _at_least(1),
+             "format": _one_of("parallel", "tsv", "csv", "jsonl", "hf"),
              "dev_max_sentences": _at_least(0), "vocab_size": _at_least(8),
              "spm_model_type": _one_of("unigram", "bpe", "char", "word"), "sample_alpha": _between(0.0, 1.0),
              "valid_fraction": _between(0.0, 1.0, high_open=True)},
     "model": {"cell": _one_of("lstm", "gru", "rnn"), "attention": _one_of("dot", "general", "additive"),
               "emb_dim": _at_least(1), "enc_hidden": _at_least(1), "enc_layers": _at_least(1), "dec_hidden": _at_least(1),
               "dec_layers": _at_least(1), "hidden": _at_least(1), "layers": _at_least(1),
-              "dropout": _between(0.0, 1.0, high_open=True),
+              "dropout": _between(0.0, 1.0, high_open=True), "pooling": _one_of("last", "mean", "max"),
               "chrono_horizon": lambda v: None if v == 0 or v >= 3 else "must be 0 (off) or at least 3"},
     "train": {"lr": _between(0.0, 10.0), "lr_schedule": _one_of("cosine", "plateau", "constant"),
               "warmup_steps": _at_least(0), "min_lr_ratio": _between(0.0, 1.0), "weight_decay": _at_least(0.0),

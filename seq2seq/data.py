@@ -1,9 +1,12 @@
 """Corpora: readers with validation, length-bucketed token-budget batches, character streams."""
 from __future__ import annotations
 
-import logging
+import csv
 import glob
 import itertools
+import json
+import logging
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -99,23 +102,26 @@ def iter_hf(cfg: TranslatorData, split: str, data_dir: Path = Path(".")) -> Iter
     """A split of a Hugging Face dataset: a hub name (needs internet) or a local loader + files
     (a relative data.hf_data_files starts at data_dir, as every other data path does). The table is
     memory-mapped Arrow; rows are read a batch at a time."""
-    import datasets
-
-    kwargs = {"split": split}
-    if cfg.hf_name:
-        kwargs["name"] = cfg.hf_name
-    if cfg.hf_data_files:
-        kwargs["data_files"] = {split: hf_files(cfg, split, data_dir)}
-    try:
-        table = datasets.load_dataset(cfg.hf_path, **kwargs)
-    except Exception as e:  # datasets raises many types; all mean "could not load this"
-        raise UserError(f"dataset {cfg.hf_path!r} split {split!r}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+    table = load_hf_split(cfg, split, data_dir)
     index = 0
     for rows in table.iter(batch_size=10_000):  # columns of 10,000 rows
         for values in zip(*rows.values()):
             row = dict(zip(rows, values))
             yield _field(row, cfg.hf_src_field, cfg.hf_path, index), _field(row, cfg.hf_tgt_field, cfg.hf_path, index)
             index += 1
+
+
+def load_hf_split(cfg, split: str, data_dir: Path):
+    """One split of the dataset a data config names (data.hf_path, hf_name, hf_data_files)."""
+    import datasets
+
+    kwargs = {"split": split, **({"name": cfg.hf_name} if cfg.hf_name else {})}
+    if cfg.hf_data_files:
+        kwargs["data_files"] = {split: hf_files(cfg, split, data_dir)}
+    try:
+        return datasets.load_dataset(cfg.hf_path, **kwargs)
+    except Exception as e:  # datasets raises many types; all mean "could not load this"
+        raise UserError(f"dataset {cfg.hf_path!r} split {split!r}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
 
 
 def hf_files(cfg: TranslatorData, split: str, data_dir: Path) -> str:
@@ -259,3 +265,106 @@ def char_streams(ids: torch.Tensor, streams: int) -> torch.Tensor:
     if length < 2:
         raise UserError(f"text of {ids.numel()} characters is too short for {streams} streams")
     return ids[: length * streams].view(streams, length)
+
+
+# ----- labelled text (the classifier) -------------------------------------------------------------
+
+TEXT_COLUMNS = ("sentence", "text", "content", "review")
+_CLITIC = re.compile(r"(?<=\w)(n't|'s|'re|'ve|'ll|'d|'m)\b")
+_PUNCTUATION = re.compile(r"""(\.\.\.|--|[!?;:()"]|,(?=\s|$)|(?<!\b[a-z])(?<!\bmr)(?<!\bmrs)(?<!\bms)(?<!\bdr)(?<!\bst)(?<!\bjr)(?<!\bvs)\.(?=\s|$))""")
+
+
+def normalize_text(text: str, style: str) -> str:
+    """Text as the training data was prepared. lower-split: lower-cased, clitics and punctuation
+    split off words, spaces collapsed ("Isn't it GREAT!" -> "is n't it great !"), as SST-2 is;
+    text already in that form comes back as it was."""
+    if style == "none":
+        return " ".join(text.split())
+    text = text.lower().replace("\u2019", "'").replace("\u201c", '"').replace("\u201d", '"')
+    text = _PUNCTUATION.sub(r" \1 ", _CLITIC.sub(r" \1", text))
+    return " ".join(text.split())
+
+
+def column_index(header: list[str], wanted: str, what: str, where, default: tuple[str, ...] = (),
+                 exclude: int | None = None) -> int:
+    """The position of a column named `wanted` (or numbered, from 0); `wanted` "" takes the first
+    of `default` present, else the one column other than `exclude`."""
+    if wanted.isdigit():
+        if int(wanted) >= len(header):
+            raise UserError(f"{where}: {what} column {wanted} does not exist (the header has {len(header)} columns)")
+        return int(wanted)
+    names = [name.strip() for name in header]
+    if wanted:
+        if wanted not in names:
+            raise UserError(f"{where}: no {what} column {wanted!r} in the header (columns: {', '.join(names)})")
+        return names.index(wanted)
+    found = [i for i, name in enumerate(names) if name in default]
+    others = [i for i in range(len(names)) if i != exclude]
+    if found or len(others) == 1:
+        return (found or others)[0]
+    raise UserError(f"{where}: which column is the {what}? none is named {', '.join(default)}; set "
+                    f"data.text_column (columns: {', '.join(names)})")
+
+
+def iter_labelled(path: Path, fmt: str, label_column: str, text_column: str) -> Iterator[tuple[str, str, int]]:
+    """(label, text, line number) of a tsv/csv file with a header line, or of a JSON-lines file.
+    Which columns were read is logged; a line without them is an error naming it."""
+    if fmt == "jsonl":
+        yield from _iter_jsonl(path, label_column, text_column)
+        return
+    lines = iter_lines(path)
+    rows = csv.reader(lines, delimiter="\t" if fmt == "tsv" else ",",
+                      quoting=csv.QUOTE_NONE if fmt == "tsv" else csv.QUOTE_MINIMAL)
+    header = next(rows, None)
+    if header is None:
+        return
+    label = column_index(header, label_column, "label", f"{path}:1")
+    text = column_index(header, text_column, "text", f"{path}:1", TEXT_COLUMNS, exclude=label)
+    log.info("%s: labels from column %r, text from column %r", path, header[label], header[text])
+    for number, row in enumerate(rows, 2):
+        if not row or row == [""]:
+            continue
+        if max(label, text) >= len(row):
+            raise UserError(f"{path}:{number}: {len(row)} column(s), expected {len(header)} as in the header")
+        yield row[label].strip(), row[text], number
+
+
+def _iter_jsonl(path: Path, label_field: str, text_field: str) -> Iterator[tuple[str, str, int]]:
+    for number, line in enumerate(iter_lines(path), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}:{number}: invalid JSON: {e.msg}") from None
+        if not isinstance(row, dict):
+            raise UserError(f"{path}:{number}: expected a JSON object")
+        text_key = text_field or next((k for k in TEXT_COLUMNS if k in row), "")
+        for key, what in ((label_field, "label"), (text_key, "text")):
+            if key not in row:
+                raise UserError(f"{path}:{number}: no {what} field {key!r} (fields: {', '.join(row)})")
+        yield str(row[label_field]).strip(), str(row[text_key]), number
+
+
+def iter_labelled_hf(cfg, split: str, data_dir: Path) -> Iterator[tuple[str, str, int]]:
+    """A split of a Hugging Face dataset (hub name or local loader + files); row numbers from 1."""
+    table = load_hf_split(cfg, split, data_dir)
+    label = column_index(table.column_names, cfg.label_column, "label", f"dataset {cfg.hf_path!r}")
+    text = column_index(table.column_names, cfg.text_column, "text", f"dataset {cfg.hf_path!r}", TEXT_COLUMNS, label)
+    label, text = table.column_names[label], table.column_names[text]
+    log.info("dataset %s split %s: labels from %r, text from %r", cfg.hf_path, split, label, text)
+    number = 0
+    for rows in table.iter(batch_size=10_000):
+        for value, sentence in zip(rows[label], rows[text]):
+            number += 1
+            yield str(value).strip(), "" if sentence is None else str(sentence), number
+
+
+def load_labelled(cfg, data_dir: Path, split: str) -> list[tuple[str, str, int]]:
+    """The labelled examples of split 'train', 'dev' or 'test' as the data config describes them."""
+    name = getattr(cfg, split)
+    if not name:
+        raise UserError(f"data.{split} is not set in the config")
+    if cfg.format == "hf":
+        return list(iter_labelled_hf(cfg, name, data_dir))
+    return list(iter_labelled(corpus_file(data_dir, name), cfg.format, cfg.label_column, cfg.text_column))

@@ -52,11 +52,14 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 
 def training_curves(run_dir: Path, out: Path) -> None:
-    """Four panels against steps: train and dev loss, the dev score, learning rate, gradient norm."""
+    """Four panels against steps: train and dev loss, the dev score, learning rate, gradient norm;
+    for a classifier, two against epochs: accuracy and loss, training and validation."""
     plt = require_matplotlib()
     records = read_metrics(run_dir)
     train = [r for r in records if r.get("type") == "train"]
     evals = [r for r in records if r.get("type") == "eval"]
+    if any("dev_accuracy" in r for r in evals):
+        return classifier_curves(evals, run_dir, out)
     fig, axes = plt.subplots(2, 2, figsize=(10, 7), sharex=True)
     ax = axes[0][0]
     ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="train (smoothed CE)")
@@ -77,6 +80,24 @@ def training_curves(run_dir: Path, out: Path) -> None:
         ax.set_title(title)
         ax.set_xlabel("step")
     axes[1][1].set_yscale("log")
+    fig.suptitle(str(run_dir))
+    fig.tight_layout()
+    _save(fig, out)
+
+
+def classifier_curves(evals: list[dict], run_dir: Path, out: Path) -> None:
+    """Accuracy and loss at each evaluation (once an epoch by default), on the training set (a
+    fixed sample of 2,000, in eval mode) and the validation set."""
+    plt = require_matplotlib()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    epochs = [r["epoch"] for r in evals]
+    for ax, metric in zip(axes, ("accuracy", "loss")):
+        ax.plot(epochs, [r[f"train_{metric}"] for r in evals], "o-", label="training")
+        ax.plot(epochs, [r[f"dev_{metric}"] for r in evals], "o-", label="validation", color="tab:green")
+        ax.set_title(f"model {metric}")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(metric + (" (nats an example)" if metric == "loss" else ""))
+        ax.legend()
     fig.suptitle(str(run_dir))
     fig.tight_layout()
     _save(fig, out)

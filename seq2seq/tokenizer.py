@@ -112,3 +112,36 @@ class CharVocab:
 
     def decode(self, ids: list[int]) -> str:
         return "".join(self.chars[i] for i in ids)
+
+
+class LabelledTokenizer(SubwordTokenizer):
+    """A classifier's tokenizer: SentencePiece for its text, and its labels in order (the
+    model's output i is label i), saved beside spm.model as labels.json with how each is shown."""
+
+    labels_file = "labels.json"
+
+    def __init__(self, processor: spm.SentencePieceProcessor, labels: list[str] | None = None,
+                 names: dict[str, str] | None = None):
+        super().__init__(processor)
+        self.labels, self.names = list(labels or []), dict(names or {})
+
+    def shown(self, index: int) -> str:
+        label = self.labels[index]
+        return self.names.get(label, label)
+
+    @classmethod
+    def load(cls, folder: Path) -> "LabelledTokenizer":
+        tokenizer = cls(SubwordTokenizer.load(folder).sp)
+        path = Path(folder) / cls.labels_file
+        if path.is_file():
+            try:
+                raw = json.loads(path.read_text(encoding="utf-8"))
+                tokenizer.labels, tokenizer.names = [str(x) for x in raw["labels"]], dict(raw.get("names", {}))
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+                raise UserError(f"{path}: not a label list ({type(e).__name__}: {e})") from None
+        return tokenizer
+
+    def save(self, folder: Path) -> None:
+        super().save(folder)
+        write_text_atomic(Path(folder) / self.labels_file,
+                          json.dumps({"labels": self.labels, "names": self.names}, ensure_ascii=False, indent=1) + "\n")

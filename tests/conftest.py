@@ -103,7 +103,7 @@ def train_tiny(tmp_path_factory, kind: str, *settings: str) -> Path:
     """A model folder of the tiny preset of `kind` trained on the shipped samples, with --set `settings`.
     Most tests need no training of their own: they take `tiny_translator_folder` or `tiny_charlm_folder`."""
     out = tmp_path_factory.mktemp("models") / f"tiny-{kind}"
-    preset = "tiny-en-fr" if kind == "translator" else "tiny-charlm"
+    preset = {"translator": "tiny-en-fr", "charlm": "tiny-charlm", "classifier": "tiny-classifier"}[kind]
     sets = [arg for item in settings for arg in ("--set", item)]
     result = run_cli("train", kind, "--preset", preset, "--data-dir", SAMPLE_DIR, "--output", out, *sets)
     assert result.returncode == 0, result.stderr
@@ -130,6 +130,13 @@ def tiny_translator_folder(tmp_path_factory):
     """The tiny-en-fr preset as shipped (150 epochs on the 20 pairs of data/sample/tiny.*, learnt by
     heart), trained once per test run for every test that needs a trained translator. Read-only."""
     yield from shared_model(tmp_path_factory, "translator")
+
+
+@pytest.fixture(scope="session")
+def tiny_classifier_folder(tmp_path_factory):
+    """The tiny-classifier preset as shipped (30 epochs on data/sample/reviews-train.tsv, learnt by
+    heart), trained once per test run. Read-only."""
+    yield from shared_model(tmp_path_factory, "classifier")
 
 
 @pytest.fixture(scope="session")

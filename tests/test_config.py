@@ -7,7 +7,8 @@ from seq2seq.errors import UserError
 
 def test_every_shipped_preset_is_valid():
     for name in preset_names():
-        kind = "charlm" if name in ("tiny-charlm", "tinyshakespeare") else "translator"
+        kind = ("charlm" if name in ("tiny-charlm", "tinyshakespeare") else
+                "classifier" if name in ("tiny-classifier", "sst2") else "translator")
         assert load_preset(name, kind).kind == kind
 
 
@@ -17,7 +18,8 @@ def test_every_shipped_preset_is_valid():
     ("model.dropout=1.0", "[model] dropout: must be in [0.0, 1.0), got 1.0"),
     ("model.enc_layers=0", "[model] enc_layers: must be at least 1, got 0"),
     ("model.dec_hidden=100", None),  # general attention: any sizes
-    ("data.format=csv", "[data] format: must be one of parallel, tsv, hf, got 'csv'"),
+    ("data.format=csv", "[data] format: a translator reads parallel, tsv, hf, got 'csv'"),
+    ("data.format=xml", "[data] format: must be one of parallel, tsv, csv, jsonl, hf, got 'xml'"),
     ("data.vocab_size=2", "[data] vocab_size: must be at least 8, got 2"),
     ("train.lr_schedule=linear", "[train] lr_schedule: must be one of cosine, plateau, constant, got 'linear'"),
     ("train.label_smoothing=-0.1", "[train] label_smoothing: must be in [0.0, 1.0), got -0.1"),

@@ -19,6 +19,7 @@ from conftest import SAMPLE_DIR, run_cli, shared_corpus
 @pytest.mark.parametrize("preset,kind,extra", [
     ("tiny-en-fr", "translator", ["model.dropout=0.2", "data.sample_alpha=0.1", "train.teacher_forcing=0.8"]),
     ("tiny-charlm", "charlm", ["model.dropout=0.2"]),
+    ("tiny-classifier", "classifier", ["model.dropout=0.3"]),
 ])
 def test_resumed_run_continues_exactly(tmp_path, monkeypatch, preset, kind, extra):
     cfg = load_preset(preset, kind, ["train.max_steps=12", "train.eval_every=4", "train.max_epochs=50",

@@ -117,8 +117,13 @@ def build_task(cfg: Config, data_dir: Path, cluster: Cluster, folder: RunFolder,
     task.to(cluster.device)
     task.shard(cluster.rank, cluster.world)
     if init_from is not None and not resume:  # before the optimizer and the first saved state
-        checkpoint.load_weights(task.model, init_from / checkpoint.BEST)
-        log.info("weights and tokenizer from %s", init_from)
+        if cfg.kind == "classifier" and Config.load(init_from / "config.json").kind == "translator":
+            checkpoint.load_encoder(task.model, init_from / checkpoint.BEST)
+            log.info("tokenizer, embedding and encoder from the translator %s%s", init_from,
+                     " (frozen)" if cfg.model.freeze_encoder else "")
+        else:
+            checkpoint.load_weights(task.model, init_from / checkpoint.BEST)
+            log.info("weights and tokenizer from %s", init_from)
     task.forward = cluster.wrap(task.model)
     if cluster.active:  # each rank its own dropout masks (the weights came from one seed)
         torch.manual_seed(cfg.train.seed + 1000 * cluster.rank)

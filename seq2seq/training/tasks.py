@@ -21,13 +21,14 @@ import torch
 from seq2seq import checkpoint, inference
 from seq2seq.config import Config
 from seq2seq.corpus import TokenizedCorpus
-from seq2seq.data import char_streams, corpus_file, corpus_files, load_pairs, non_empty, pad, read_text, token_batches, within_length
+from seq2seq.data import (char_streams, corpus_file, corpus_files, load_labelled, load_pairs, non_empty, normalize_text, pad,
+                          read_text, token_batches, within_length)
 from seq2seq.device import Precision, autocast
 from seq2seq.errors import UserError
 from seq2seq.loss import smoothed_cross_entropy
-from seq2seq.metrics import bleu_chrf
+from seq2seq.metrics import bleu_chrf, classification_scores
 from seq2seq.models.rnn import detach
-from seq2seq.tokenizer import BOS, EOS, PAD, CharVocab, SubwordTokenizer
+from seq2seq.tokenizer import BOS, EOS, PAD, CharVocab, LabelledTokenizer, SubwordTokenizer
 
 log = logging.getLogger("seq2seq")
 
@@ -50,7 +51,20 @@ class Task(Protocol):
     def forget_state(self) -> None: ...
 
 
-class TranslationTask:
+class Stateless:
+    """A task that carries nothing from one batch to the next."""
+
+    def extra_state(self) -> dict:
+        return {}
+
+    def forget_state(self) -> None:
+        pass
+
+    def load_extra_state(self, state: dict) -> None:
+        pass
+
+
+class TranslationTask(Stateless):
     def __init__(self, cfg: Config, data_dir: Path, tokenizer: SubwordTokenizer | None = None):
         d, self.cfg, self.data_dir = cfg.data, cfg, data_dir
         dev = list(non_empty(load_pairs(d, data_dir, "dev"), "dev"))  # first: a wrong dev path fails in seconds
@@ -161,15 +175,6 @@ class TranslationTask:
         return {"test_bleu": scores["bleu"], "test_chrf": scores["chrf"], "test_beam": TEST_BEAM,
                 "test_sentences": len(pairs)}
 
-    def extra_state(self) -> dict:
-        return {}
-
-    def forget_state(self) -> None:
-        pass
-
-    def load_extra_state(self, state: dict) -> None:
-        pass
-
 
 class CharLMTask:
     def __init__(self, cfg: Config, data_dir: Path, tokenizer: CharVocab | None = None):
@@ -253,4 +258,115 @@ class CharLMTask:
         self.hidden = None if not parts else (tuple(parts) if len(parts) == 2 else parts[0])
 
 
-TASKS = {"translator": TranslationTask, "charlm": CharLMTask}
+class ClassifierTask(Stateless):
+    """Labelled sentences: a SentencePiece model trained on the (normalised) training text, the
+    label set read from the training split, batches of similar lengths within train.batch_tokens."""
+
+    def __init__(self, cfg: Config, data_dir: Path, tokenizer: LabelledTokenizer | None = None):
+        d, self.cfg, self.data_dir = cfg.data, cfg, data_dir
+        dev = load_labelled(d, data_dir, "dev")  # first: a wrong dev path fails in seconds
+        train = [(label, normalize_text(text, d.normalize)) for label, text, _ in load_labelled(d, data_dir, "train")]
+        train = [(label, text) for label, text in train if text]
+        if not train:
+            raise UserError(f"data.train {d.train!r}: no labelled text")
+        if tokenizer is None:
+            tokenizer = LabelledTokenizer(SubwordTokenizer.train([t for _, t in train], d.vocab_size,
+                                                                 d.spm_model_type).sp)
+        if not tokenizer.labels:  # a new run, or a translator's tokenizer taken over (--init-from)
+            tokenizer.labels, tokenizer.names = label_order({label for label, _ in train}), label_names(d.label_names)
+        self.tokenizer = tokenizer
+        self.train_ids, self.train_y = self.encode(train, f"data.train {d.train}")
+        self.dev_ids, self.dev_y = self.encode([(label, normalize_text(text, d.normalize)) for label, text, _ in dev],
+                                               f"data.dev {d.dev}", [n for *_, n in dev])
+        self.lengths = np.array([len(ids) for ids in self.train_ids])
+        self.probe = np.random.default_rng(cfg.train.seed).permutation(len(self.train_ids))[:2000]
+        log.info("train: %d examples, labels %s; dev: %d", len(self.train_ids),
+                 ", ".join(tokenizer.shown(i) for i in range(len(tokenizer.labels))), len(self.dev_ids))
+        self.model = checkpoint.build(cfg, self.tokenizer)
+        self.forward = self.model  # what training calls: the model, or its DistributedDataParallel wrapper
+        self.device, self.rank, self.world = torch.device("cpu"), 0, 1
+
+    def encode(self, examples: list[tuple[str, str]], where: str, numbers: list[int] | None = None):
+        """Token ids (cut to data.max_tokens; an empty text is one PAD) and label indices; a label
+        the model does not know is an error naming its line."""
+        index = {label: i for i, label in enumerate(self.tokenizer.labels)}
+        for k, (label, _) in enumerate(examples):
+            if label not in index:
+                line = f":{numbers[k]}" if numbers else ""
+                raise UserError(f"{where}{line}: label {label!r} is not one of the training labels "
+                                f"({', '.join(self.tokenizer.labels)})")
+        ids = self.tokenizer.encode([text for _, text in examples])
+        return [i[: self.cfg.data.max_tokens] or [PAD] for i in ids], np.array([index[label] for label, _ in examples])
+
+    def to(self, device: torch.device) -> None:
+        self.device = device
+        self.model.to(device)
+
+    def shard(self, rank: int, world: int) -> None:
+        self.rank, self.world = rank, world
+
+    def batches(self, epoch: int) -> list[np.ndarray]:
+        order = token_batches(self.lengths, np.zeros_like(self.lengths), self.cfg.train.batch_tokens,
+                              self.cfg.train.seed * 1000 + epoch)
+        if len(order) < self.world:
+            raise UserError(f"data.train: {len(order)} batch(es) an epoch cannot be shared by {self.world} processes")
+        return order[self.rank :: self.world][: len(order) // self.world]
+
+    def loss(self, rows: np.ndarray) -> tuple[torch.Tensor, int]:
+        return self.rows_loss([self.train_ids[i] for i in rows], self.train_y[rows])
+
+    def rows_loss(self, ids: list[list[int]], labels: np.ndarray, smoothing: float | None = None):
+        batch, lengths = pad(ids, PAD)
+        target = torch.as_tensor(labels, device=self.device)
+        net = self.forward if self.model.training else self.model
+        with autocast(self.cfg.train.bf16, self.device):
+            logits = net(batch.to(self.device), lengths)
+        smoothing = self.cfg.train.label_smoothing if smoothing is None else smoothing
+        return smoothed_cross_entropy(logits.float(), target, smoothing, grad_scale=1 / len(ids)), len(ids)
+
+    @torch.no_grad()
+    def scores(self, ids: list[list[int]], labels: np.ndarray) -> dict:
+        """Loss (nats an example), accuracy, F1 and confusion of the model in eval mode."""
+        self.model.eval()
+        loss = sum(float(self.rows_loss(ids[s : s + 256], labels[s : s + 256], 0.0)[0]) for s in range(0, len(ids), 256))
+        predicted = inference.class_probabilities(self.model, ids).argmax(-1).tolist()
+        self.model.train()
+        return {"loss": round(loss / len(ids), 4), **classification_scores(labels.tolist(), predicted, self.tokenizer.labels)}
+
+    def validate(self) -> dict:
+        dev = self.scores(self.dev_ids, self.dev_y)
+        train = self.scores([self.train_ids[i] for i in self.probe], self.train_y[self.probe])
+        return {"dev_loss": dev["loss"], "dev_accuracy": dev["accuracy"], "dev_macro_f1": dev["macro_f1"],
+                **({"dev_f1": dev["f1"]} if "f1" in dev else {}), "train_loss": train["loss"],
+                "train_accuracy": train["accuracy"], "score": dev["accuracy"]}
+
+    def test(self) -> dict:
+        d = self.cfg.data
+        if not d.test:
+            return {}
+        test = load_labelled(d, self.data_dir, "test")
+        ids, labels = self.encode([(label, normalize_text(text, d.normalize)) for label, text, _ in test],
+                                  f"data.test {d.test}", [n for *_, n in test])
+        scores = self.scores(ids, labels)
+        return {"test_accuracy": scores["accuracy"], "test_macro_f1": scores["macro_f1"], "test_examples": len(ids)}
+
+
+def label_order(labels: set[str]) -> list[str]:
+    """Integer labels in numeric order, others alphabetically."""
+    if all(label.lstrip("-").isdigit() for label in labels):
+        return sorted(labels, key=int)
+    return sorted(labels)
+
+
+def label_names(spec: str) -> dict[str, str]:
+    """data.label_names "0=negative,1=positive" as a dict."""
+    names = {}
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        label, sep, name = part.partition("=")
+        if not sep or not label.strip() or not name.strip():
+            raise UserError(f"data.label_names: expected label=name pairs separated by commas, got {part!r}")
+        names[label.strip()] = name.strip()
+    return names
+
+
+TASKS = {"translator": TranslationTask, "charlm": CharLMTask, "classifier": ClassifierTask}
