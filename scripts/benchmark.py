@@ -6,6 +6,7 @@
   python scripts/benchmark.py charlm-train      [--preset tinyshakespeare]
   python scripts/benchmark.py translator-decode [-m checkpoints/en-fr] [--src test.en --ref test.fr]
   python scripts/benchmark.py charlm-generate   [-m checkpoints/shakespeare]
+  python scripts/benchmark.py classify          [--classifier checkpoints/sst2] [--tsv dev.tsv]
   python scripts/benchmark.py reference          # ../shared/bench/plain_reference.py, same process
   python scripts/benchmark.py all --device cuda  # on a GPU (config records device, GPU and processes)
 
@@ -215,6 +216,22 @@ def generate_bench(model_dir: Path, repeats: int, peak: dict | None, quick: bool
     return out
 
 
+def classify_bench(model_dir: Path, tsv: Path, repeats: int) -> dict:
+    """Sentences a second of `inference.classify` on a labelled file's text, and the first call
+    of a fresh load: loading the model folder and classifying one sentence."""
+    from seq2seq.data import iter_labelled
+
+    started = time.perf_counter()
+    cfg, model, tokenizer = checkpoint.load(model_dir, device=DEVICE.type)
+    inference.classify(model, tokenizer, ["This movie was absolutely fantastic!"], cfg.data.normalize)
+    first = time.perf_counter() - started
+    lines = [text for _, text, _ in iter_labelled(tsv, "tsv", cfg.data.label_column, cfg.data.text_column)]
+    rate, _ = median_rate(lambda: len(inference.classify(model, tokenizer, lines, cfg.data.normalize,
+                                                          cfg.data.max_tokens)), repeats)
+    return {"model": str(model_dir), "sentences": len(lines), "sentences_per_s": round(rate, 1),
+            "load_and_one_sentence_s": round(first, 3)}
+
+
 def reference_bench(repeats: int) -> dict:
     path = ROOT.parent / "shared" / "bench" / "plain_reference.py"
     if not path.is_file():
@@ -230,12 +247,14 @@ def reference_bench(repeats: int) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("what", choices=["all", "translator-train", "charlm-train", "translator-decode", "charlm-generate",
-                                    "reference"])
+                                    "classify", "reference"])
     p.add_argument("--json", action="store_true", help="one JSON object (the default output, kept for scripts)")
     p.add_argument("--quick", action="store_true", help="fewer steps and sentences: under 2 minutes")
     p.add_argument("--preset", help="training benchmarks: the preset (default multi30k-en-fr / tinyshakespeare)")
     p.add_argument("-m", "--model", type=Path, help="decoding: model folder (default checkpoints/en-fr)")
     p.add_argument("--lm", type=Path, help="generation: model folder (default checkpoints/shakespeare)")
+    p.add_argument("--classifier", type=Path, help="classify: model folder (default checkpoints/sst2)")
+    p.add_argument("--tsv", type=Path, help="classify: labelled sentences (default: SST-2 dev)")
     p.add_argument("--src", type=Path, help="sentences to decode (default: Multi30k test_2016_flickr.en)")
     p.add_argument("--ref", type=Path, help="their references, for BLEU (default: the matching .fr)")
     p.add_argument("--data-dir", type=Path, default=Path(os.environ.get("SEQ2SEQ_DATA", ROOT.parent / "shared" / "data")))
@@ -277,6 +296,10 @@ def main() -> None:
         lm = args.lm or (args.model if args.what == "charlm-generate" and args.model else ROOT / "checkpoints" / "shakespeare")
         out["charlm_generate"] = (generate_bench(lm, repeats, peak, args.quick) if (lm / "config.json").is_file()
                                   else {"skipped": f"no model at {lm}"})
+    if everything or args.what == "classify":
+        model, tsv = args.classifier or ROOT / "checkpoints" / "sst2", args.tsv or args.data_dir / "sst2" / "dev.tsv"
+        out["classify"] = (classify_bench(model, tsv, repeats) if (model / "config.json").is_file() and tsv.is_file()
+                           else {"skipped": f"no model at {model} or no {tsv}"})
     ref = out.get("plain_reference", {})
     if "translator_train" in out and "translator_target_tokens_per_s" in ref:
         out["translator_train"]["vs_plain_reference"] = round(

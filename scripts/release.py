@@ -21,7 +21,7 @@ import torch  # noqa: E402
 
 from seq2seq import checkpoint  # noqa: E402
 
-COPIED = ("config.json", "spm.model", "vocab.json", "metrics.json", "metrics.jsonl")
+COPIED = ("config.json", "spm.model", "vocab.json", "labels.json", "metrics.json", "metrics.jsonl")
 
 
 def main() -> None:

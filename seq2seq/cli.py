@@ -164,7 +164,7 @@ def add_classify_parser(sub) -> None:
     add_sentence_args(p, "classify", "the released classifier, checkpoints/sst2")
     p.add_argument("--batch-size", type=bounded_int(1, LIMITS["batch_size"]), default=320,
                    help=f"sentences classified together (default 320, at most {LIMITS['batch_size']:,})")
-    add_device_arg(p)
+    add_precision_arg(p)
 
 
 def add_decoding_args(p: argparse.ArgumentParser, beam_default: int | None = 5) -> None:
@@ -357,7 +357,7 @@ def cmd_classify(args) -> None:
     lines = read_inputs(args)
     cfg, model, tokenizer = load_kind(args.model, "classifier", args.device)
     results = classify(model, tokenizer, lines, cfg.data.normalize, cfg.data.max_tokens, args.batch_size,
-                       progress=len(lines) > 10_000)
+                       progress=len(lines) > 10_000, precision=precision(args, "classifier"))
     write_output(["" if r is None else f"{r[0]}\t{r[1]:.4f}" for r in results], args.output)
 
 
@@ -474,15 +474,33 @@ def evaluate_classifier(args, cfg, model, tokenizer) -> dict:
             raise UserError(f"{args.tsv}:{number}: label {label!r} is not one the model knows "
                             f"({', '.join(dict.fromkeys([*tokenizer.labels, *map(tokenizer.shown, range(len(tokenizer.labels)))]))})")
     started = time.perf_counter()
+    choice = precision(args, "classifier")
     results = classify(model, tokenizer, [text for _, text, _ in examples], cfg.data.normalize, cfg.data.max_tokens,
-                       progress=True)
+                       progress=True, precision=choice)
     seconds = time.perf_counter() - started
     shown = {tokenizer.shown(i): i for i in range(len(tokenizer.labels))}
     predicted = [shown[r[0]] if r else 0 for r in results]
     result = classification_scores([index[label] for label, _, _ in examples], predicted,
                                    [tokenizer.shown(i) for i in range(len(tokenizer.labels))])
-    result["sentences_per_s"] = round(len(examples) / max(seconds, 1e-9), 1)
+    result.update(precision=choice.name, sentences_per_s=round(len(examples) / max(seconds, 1e-9), 1))
+    result["by_length"] = accuracy_by_length(tokenizer, cfg.data.normalize, examples, predicted, index)
     return result
+
+
+def accuracy_by_length(tokenizer, normalize: str, examples, predicted: list[int], index: dict) -> list[dict]:
+    """Accuracy in each quartile of input length (subword tokens), shortest first."""
+    from seq2seq.data import normalize_text
+
+    lengths = [len(ids) for ids in tokenizer.encode([normalize_text(text, normalize) for _, text, _ in examples])]
+    order = sorted(range(len(examples)), key=lengths.__getitem__)
+    quarters = []
+    for q in range(4):
+        rows = order[q * len(order) // 4 : (q + 1) * len(order) // 4]
+        if rows:
+            right = sum(predicted[i] == index[examples[i][0]] for i in rows)
+            quarters.append({"tokens": [lengths[rows[0]], lengths[rows[-1]]], "examples": len(rows),
+                             "accuracy": round(right / len(rows), 4)})
+    return quarters
 
 
 def evaluate_charlm(args, model, vocab) -> dict:

@@ -189,25 +189,24 @@ def continuation_passages(text: str, count: int, prompt_chars: int, max_chars: i
     return [(text[s : s + prompt_chars], text[s + prompt_chars : s + span]) for s in starts]
 
 
-def class_probabilities(model, ids: list[list[int]], batch_size: int = BATCH_SENTENCES,
-                        progress: bool = False) -> torch.Tensor:
+def class_probabilities(model, ids: list[list[int]], batch_size: int = BATCH_SENTENCES, progress: bool = False,
+                        precision: str | Precision = "auto") -> torch.Tensor:
     """(N, classes) probabilities of a classifier for N non-empty token id lists, in their order;
     batches of similar lengths (sorted), so little is padded."""
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
     probabilities = torch.empty(len(ids), model.out.out_features)
     device = device_of(model)
-    model.eval()
-    with torch.no_grad():
+    with decoding(model, resolve_precision(precision, device, "classifier")) as twin:
         for start in tqdm(range(0, len(order), batch_size), disable=not progress, desc="classifying", unit="batch"):
             chosen = order[start : start + batch_size]
             batch, lengths = pad([ids[i] for i in chosen], PAD)
-            logits = model(batch.to(device), lengths)
-            probabilities[chosen] = torch.softmax(logits.float(), -1).cpu()
+            probabilities[chosen] = torch.softmax(twin(batch.to(device), lengths).float(), -1).cpu()
     return probabilities
 
 
 def classify(model, tokenizer, lines: list[str], normalize: str = "lower-split", max_tokens: int = 128,
-             batch_size: int = BATCH_SENTENCES, progress: bool = False) -> list[tuple[str, float] | None]:
+             batch_size: int = BATCH_SENTENCES, progress: bool = False,
+             precision: str | Precision = "auto") -> list[tuple[str, float] | None]:
     """(label, probability) of each line, in order; None for an empty line. Lines are normalised as
     the training text was (`data.normalize_text`) and cut to `max_tokens` subwords."""
     from seq2seq.data import normalize_text
@@ -216,7 +215,7 @@ def classify(model, tokenizer, lines: list[str], normalize: str = "lower-split",
     texts = [normalize_text(line, normalize) for line in lines]
     keep = [i for i, text in enumerate(texts) if text]
     ids = [i[:max_tokens] or [PAD] for i in tokenizer.encode([texts[i] for i in keep])]
-    probabilities = class_probabilities(model, ids, batch_size, progress)
+    probabilities = class_probabilities(model, ids, batch_size, progress, precision)
     results: list[tuple[str, float] | None] = [None] * len(lines)
     for row, i in enumerate(keep):
         best = int(probabilities[row].argmax())

@@ -329,7 +329,8 @@ class ClassifierTask(Stateless):
         """Loss (nats an example), accuracy, F1 and confusion of the model in eval mode."""
         self.model.eval()
         loss = sum(float(self.rows_loss(ids[s : s + 256], labels[s : s + 256], 0.0)[0]) for s in range(0, len(ids), 256))
-        predicted = inference.class_probabilities(self.model, ids).argmax(-1).tolist()
+        predicted = inference.class_probabilities(self.model, ids, precision=Precision(bf16=self.cfg.train.bf16))
+        predicted = predicted.argmax(-1).tolist()
         self.model.train()
         return {"loss": round(loss / len(ids), 4), **classification_scores(labels.tolist(), predicted, self.tokenizer.labels)}
 
