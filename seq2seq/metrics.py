@@ -31,7 +31,7 @@ def char_scores(total_nats: float, characters: int) -> dict:
 
 def classification_scores(gold: list[int], predicted: list[int], labels: list[str]) -> dict:
     """Accuracy, macro F1 and the confusion matrix (rows gold, columns predicted, in label order);
-    with two classes also precision, recall and F1 of the second label (the positive class of a
+    with two classes also the precision, recall and F1 of the second label (the positive class of a
     0/1 data set)."""
     if len(gold) != len(predicted):
         raise ValueError(f"{len(gold)} gold labels but {len(predicted)} predictions")
@@ -54,5 +54,6 @@ def classification_scores(gold: list[int], predicted: list[int], labels: list[st
               "examples": len(gold), "labels": labels, "confusion": confusion}
     if classes == 2:
         precision, recall, f = f1(1)
-        scores.update(positive=labels[1], precision=round(precision, 4), recall=round(recall, 4), f1=round(f, 4))
+        scores.update(positive=labels[1], positive_precision=round(precision, 4), positive_recall=round(recall, 4),
+                      f1=round(f, 4))
     return scores

@@ -144,6 +144,7 @@ def test_evaluate_reports_accuracy_f1_and_confusion(tiny_classifier_folder):
     assert result.returncode == 0, result.stderr
     scores = json.loads(result.stdout)
     assert scores["accuracy"] == 1.0 and scores["f1"] == 1.0 and scores["examples"] == 32
+    assert scores["positive_precision"] == 1.0 and scores["precision"] in ("fp32", "bf16")
     assert sum(map(sum, scores["confusion"])) == 32 and scores["labels"] == ["negative", "positive"]
 
 
@@ -157,7 +158,8 @@ def test_evaluate_names_the_line_of_an_unknown_label(tiny_classifier_folder, tmp
 def test_classification_scores_know_their_answers():
     scores = classification_scores([0, 0, 1, 1, 1], [0, 1, 1, 1, 0], ["neg", "pos"])
     assert scores["accuracy"] == 0.6 and scores["confusion"] == [[1, 1], [1, 2]]
-    assert scores["precision"] == pytest.approx(2 / 3, abs=1e-4) and scores["recall"] == pytest.approx(2 / 3, abs=1e-4)
+    assert scores["positive_precision"] == pytest.approx(2 / 3, abs=1e-4)
+    assert scores["positive_recall"] == pytest.approx(2 / 3, abs=1e-4)
     assert scores["macro_f1"] == pytest.approx((0.5 + 2 / 3) / 2, abs=1e-4)
     three = classification_scores([0, 1, 2], [0, 2, 2], ["a", "b", "c"])
     assert "f1" not in three and three["accuracy"] == pytest.approx(0.6667)
