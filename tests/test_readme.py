@@ -1,5 +1,5 @@
 """The README's and the model cards' examples run as written from the repository root: each fenced
-`seq2seq translate|generate|evaluate|plot` command that uses a released model, and each ```python
+`seq2seq translate|generate|evaluate|plot|classify` command that uses a released model, and each ```python
 snippet. Files the commands write (-o, --output, --hyp-output, --attention-png) go to tmp_path."""
 import os
 import re
@@ -12,8 +12,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = [ROOT / "README.md", ROOT / "checkpoints" / "README.md", *sorted(ROOT.glob("checkpoints/*/README.md"))]
-RELEASED = {"checkpoints/en-fr", "checkpoints/shakespeare"}
-COMMANDS = {"translate", "generate", "evaluate", "plot"}
+RELEASED = {"checkpoints/en-fr", "checkpoints/shakespeare", "checkpoints/sst2"}
+COMMANDS = {"translate", "generate", "evaluate", "plot", "classify"}
 OUTPUTS = {"-o", "--output", "--hyp-output", "--attention-png"}
 FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.M | re.S)
 
