@@ -247,8 +247,8 @@ def claims(runs: list[dict], long: int = 100, short: int = 10) -> list[dict]:
     chrono, m = solved_counts(runs, "lstm-chrono", long)
     verdicts.append({"id": "C3", "claim": f"at T={long} the chrono LSTM solves >= 4/5 of its seeds",
                      "solved": chrono, "seeds": m, "pass": m > 0 and chrono >= 0.8 * m})
-    rnn_solved, _ = solved_counts(runs, "rnn", long)
-    p = fisher_exact(chrono, m - chrono, rnn_solved, n_long - rnn_solved) if (n_long := len(rnn_long)) and m else 1.0
+    rnn_solved, n_long = solved_counts(runs, "rnn", long)
+    p = fisher_exact(chrono, m - chrono, rnn_solved, n_long - rnn_solved) if n_long and m else 1.0
     verdicts.append({"id": "C4", "claim": f"at T={long} Fisher's exact test on solved counts, chrono LSTM "
                      "against RNN, gives p < 0.05", "table": [[chrono, m - chrono], [rnn_solved, n_long - rnn_solved]],
                      "p": round(p, 5), "pass": p < 0.05})
