@@ -15,6 +15,7 @@ from seq2seq.device import DEVICES, PRECISIONS
 from seq2seq.errors import Interrupted, UserError
 from seq2seq.fast import configure_process
 from seq2seq.limits import LIMITS, check_limits
+from seq2seq.serve.command import add_serve_parser, cmd_serve
 
 log = logging.getLogger("seq2seq")
 
@@ -65,6 +66,7 @@ def parser() -> argparse.ArgumentParser:
     add_generate_parser(sub)
     add_evaluate_parser(sub)
     add_classify_parser(sub)
+    add_serve_parser(sub)
     p = sub.add_parser("plot", help="draw a training run's curves from its metrics.jsonl (needs matplotlib)")
     p.add_argument("run", type=Path, help="the run's folder (--output of train)")
     p.add_argument("-o", "--output", type=Path, help="PNG to write (default RUN/curves.png)")
@@ -535,7 +537,7 @@ def evaluate_charlm(args, model, vocab) -> dict:
 
 
 COMMANDS = {"train": cmd_train, "translate": cmd_translate, "generate": cmd_generate, "evaluate": cmd_evaluate,
-            "classify": cmd_classify, "plot": cmd_plot}
+            "classify": cmd_classify, "plot": cmd_plot, "serve": cmd_serve}
 
 
 def main(argv: list[str] | None = None) -> int:

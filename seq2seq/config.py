@@ -135,6 +135,9 @@ class TrainConfig:
     min_lr_ratio: float = 0.05
     weight_decay: float = 0.0  # decoupled (AdamW): each step shrinks weights by lr * weight_decay
     clip_norm: float = 1.0
+    # > 0: evaluations and the best model use an exponential moving average of the weights, this
+    # decay per update (0.999 averages over about the last 1,000 updates)
+    ema_decay: float = 0.0
     label_smoothing: float = 0.1
     max_epochs: int = 20
     max_steps: int = 0  # 0 = no limit
@@ -249,7 +252,8 @@ RULES = {
               "chrono_horizon": lambda v: None if v == 0 or v >= 3 else "must be 0 (off) or at least 3"},
     "train": {"lr": _between(0.0, 10.0), "lr_schedule": _one_of("cosine", "plateau", "constant"),
               "warmup_steps": _at_least(0), "min_lr_ratio": _between(0.0, 1.0), "weight_decay": _at_least(0.0),
-              "clip_norm": _at_least(0.0), "label_smoothing": _between(0.0, 1.0, high_open=True),
+              "clip_norm": _at_least(0.0), "ema_decay": _between(0.0, 1.0, high_open=True),
+              "label_smoothing": _between(0.0, 1.0, high_open=True),
               "max_epochs": _at_least(1), "max_steps": _at_least(0), "eval_every": _at_least(0), "patience": _at_least(1),
               "log_every": _at_least(1), "threads": _at_least(0), "batch_tokens": _at_least(1),
               "teacher_forcing": _between(0.0, 1.0), "dev_beam": _between(1, 64), "batch_size": _at_least(1),

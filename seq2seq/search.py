@@ -35,7 +35,7 @@ def _as_lengths(max_lens, batch: int, device: torch.device) -> torch.Tensor:
     return torch.as_tensor(max_lens, dtype=torch.long).to(device, copy=True)
 
 
-def _log_probs(logits: torch.Tensor) -> torch.Tensor:
+def log_probs(logits: torch.Tensor) -> torch.Tensor:
     """fp32 log-probabilities, which every search reads (so no logsumexp pass of its own). Cast
     first: on a CPU, .float() then log_softmax is faster than log_softmax(dtype=float32)."""
     return torch.log_softmax(logits.float(), dim=-1)
@@ -102,12 +102,12 @@ def _decode(model, state, first_tokens: torch.Tensor, max_lens, eos: int | None,
     first_limit = int(row_max.min()) if batch else 0  # without EOS no row ends before this step
     for t in range(steps):
         logits, state = model.step(tokens, state)
-        log_probs = _log_probs(logits)
-        tokens = choose(log_probs)
+        step_log_probs = log_probs(logits)
+        tokens = choose(step_log_probs)
         if not record or record[-1][0] is not rows:
             record.append((rows, [], []))
         record[-1][1].append(tokens)
-        record[-1][2].append(log_probs.gather(1, tokens.unsqueeze(1)).squeeze(1))
+        record[-1][2].append(step_log_probs.gather(1, tokens.unsqueeze(1)).squeeze(1))
         if on_step is not None:
             live = (~finished).nonzero().squeeze(1) if n_finished else slice(None)
             on_step(rows[live], tokens[live])
@@ -159,8 +159,15 @@ def sample(model, state, first_tokens, max_lens, eos: int | None = None, tempera
            top_k: int = 0, top_p: float = 1.0, generator: torch.Generator | None = None,
            on_step=None) -> list[Hypothesis]:
     """Ancestral sampling with temperature, top-k and nucleus (top-p) filtering; temperature 0 is greedy."""
+    return _decode(model, state, first_tokens, max_lens, eos, sampler(temperature, top_k, top_p, generator), on_step)
+
+
+def sampler(temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+            generator: torch.Generator | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """`choose(log_probs) -> tokens`, one per row: `sample`'s rule, for callers that step a model
+    themselves (the server samples each stream with its own generator)."""
     if temperature <= 0:
-        return _decode(model, state, first_tokens, max_lens, eos, _argmax, on_step)
+        return _argmax
 
     def choose(log_probs: torch.Tensor) -> torch.Tensor:
         logits = log_probs / temperature  # the softmax of logits shifted by a row's constant
@@ -175,7 +182,7 @@ def sample(model, state, first_tokens, max_lens, eos: int | None = None, tempera
             logits = logits.scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
         return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(1)
 
-    return _decode(model, state, first_tokens, max_lens, eos, choose, on_step)
+    return choose
 
 
 def _best_continuations(log_probs: torch.Tensor, scores: torch.Tensor, width: int):
@@ -218,7 +225,7 @@ def beam_search(model, state, first_tokens, max_lens, beam_size: int, eos: int |
         length += 1
         logits, state = model.step(tokens, state)
         n, width = active.numel(), min(2 * k, k * logits.size(-1))
-        top_scores, origin, top_tokens = _best_continuations(_log_probs(logits), scores, width)
+        top_scores, origin, top_tokens = _best_continuations(log_probs(logits), scores, width)
         is_eos = top_tokens == eos if eos is not None else torch.zeros_like(top_tokens, dtype=torch.bool)
         last_step = length >= max_lens[active]
         in_top_k = torch.arange(width, device=device) < k

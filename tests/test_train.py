@@ -19,7 +19,7 @@ from conftest import SAMPLE_DIR, run_cli, shared_corpus
 @pytest.mark.parametrize("preset,kind,extra", [
     ("tiny-en-fr", "translator", ["model.dropout=0.2", "data.sample_alpha=0.1", "train.teacher_forcing=0.8"]),
     ("tiny-charlm", "charlm", ["model.dropout=0.2"]),
-    ("tiny-classifier", "classifier", ["model.dropout=0.3"]),
+    ("tiny-classifier", "classifier", ["model.dropout=0.3", "train.ema_decay=0.9"]),
 ])
 def test_resumed_run_continues_exactly(tmp_path, monkeypatch, preset, kind, extra):
     cfg = load_preset(preset, kind, ["train.max_steps=12", "train.eval_every=4", "train.max_epochs=50",
@@ -44,11 +44,18 @@ def test_resumed_run_continues_exactly(tmp_path, monkeypatch, preset, kind, extr
     assert json.loads(torch.load(tmp_path / "resumed" / checkpoint.STATE, weights_only=True)["progress"])["step"] == 10
     train(cfg, None, tmp_path / "resumed", resume=True)
 
-    straight = load_file(tmp_path / "straight" / checkpoint.LAST)
-    resumed = load_file(tmp_path / "resumed" / checkpoint.LAST)
-    assert straight.keys() == resumed.keys()
-    for name in straight:
-        assert torch.equal(straight[name], resumed[name]), name
+    for weights in (checkpoint.LAST, checkpoint.BEST):  # the best model: the weight average, where kept
+        straight = load_file(tmp_path / "straight" / weights)
+        resumed = load_file(tmp_path / "resumed" / weights)
+        assert straight.keys() == resumed.keys()
+        for name in straight:
+            assert torch.equal(straight[name], resumed[name]), (weights, name)
+    states = [torch.load(tmp_path / run / checkpoint.STATE, weights_only=True) for run in ("straight", "resumed")]
+    assert ("weight_average" in states[0]) == ("train.ema_decay=0.9" in extra) == ("weight_average" in states[1])
+    if "weight_average" in states[0]:
+        averages = [state["weight_average"] for state in states]
+        assert averages[0]["updates"] == averages[1]["updates"] == 12
+        assert all(torch.equal(a, b) for a, b in zip(averages[0]["average"], averages[1]["average"]))
     log = [json.loads(line) for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log if r["type"] == "eval"] == [4, 8, 12]
 
@@ -293,3 +300,31 @@ def test_weight_decay_is_decoupled_from_the_gradient_moments(tmp_path):
     trainer.optimizer.step()
     torch.testing.assert_close(weight.detach(), before * (1 - 0.01 * 0.1))
     assert not (tmp_path / "run").exists()  # a trainer that only steps writes no run folder
+
+
+def test_weight_average_follows_its_warmed_up_decay_and_swaps_back():
+    from seq2seq.training.averaging import WeightAverage
+
+    model = torch.nn.Linear(1, 1, bias=False)
+    frozen = torch.nn.Linear(1, 1, bias=False).requires_grad_(False)
+    both = torch.nn.Sequential(model, frozen)
+    with torch.no_grad():
+        model.weight.fill_(0.0)
+    average = WeightAverage(both, decay=0.5)
+    assert len(average.average) == 1  # the frozen layer is not averaged
+    for value in (1.0, 2.0, 3.0):
+        with torch.no_grad():
+            model.weight.fill_(value)
+        average.update()
+    # decays min(0.5, (1 + n) / (10 + n)): 2/11, 3/12, 4/13
+    expected = 0.0
+    for n, value in enumerate((1.0, 2.0, 3.0), start=1):
+        d = min(0.5, (1 + n) / (10 + n))
+        expected = d * expected + (1 - d) * value
+    assert abs(expected - 2.6014) < 1e-4  # 9/11 -> 1.7045 -> 2.6014, by hand
+    with average.swapped_in():
+        assert float(model.weight.detach()) == pytest.approx(expected)
+    assert float(model.weight.detach()) == 3.0
+    restored = WeightAverage(both, decay=0.5)
+    restored.load_state(average.state())
+    assert restored.updates == 3 and float(restored.average[0]) == pytest.approx(expected)

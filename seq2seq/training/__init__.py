@@ -56,6 +56,8 @@ def train(cfg: Config, data_dir: Path | None, output: Path, time_budget: float |
     folder.save_config(cfg)  # on resume too: --set train.* overrides are kept
     trainer = Trainer(cfg, task, optimizer, cluster, folder, progress, time_budget * 60 if time_budget else None,
                       clock, started)
+    if resume and "weight_average" in state:
+        trainer.average.load_state(state["weight_average"])
     folder.open_log(resume, progress.step)
     if not resume:
         if init_from is not None:  # the log says where the weights came from

@@ -94,9 +94,10 @@ class RunFolder:
             metrics = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
             checkpoint.save_json({**metrics, **extra}, path)
 
-    def save_state(self, model: torch.nn.Module, optimizer, progress: dict, ranks: list[dict], many: bool) -> None:
-        """The latest weights and the resume state: the optimizer, the progress (JSON) and each
-        rank's random state. The log is synced first: it is what a resume keeps."""
+    def save_state(self, model: torch.nn.Module, optimizer, progress: dict, ranks: list[dict], many: bool,
+                   average: dict | None = None) -> None:
+        """The latest weights and the resume state: the optimizer, the progress (JSON), each
+        rank's random state and the weight average. The log is synced first: it is what a resume keeps."""
         if not self.main:
             return
         checkpoint.save_weights(model, self.path / checkpoint.LAST)
@@ -105,4 +106,6 @@ class RunFolder:
         state = {"optimizer": optimizer.state_dict(), "progress": json.dumps(progress), **ranks[0]}
         if many:
             state["rank_states"] = ranks
+        if average is not None:
+            state["weight_average"] = average
         checkpoint.save_state(state, self.path / checkpoint.STATE)

@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from seq2seq.distributed import Cluster
 from seq2seq.errors import Interrupted, UserError
+from seq2seq.training.averaging import WeightAverage
 from seq2seq.training.run_folder import RunFolder
 from seq2seq.training.schedule import Budget, Plan
 
@@ -113,6 +114,7 @@ class Trainer:
         self.since_eval = 0
         self.elapsed_s = 0.0  # wall clock since the start, rank 0's: what budget decisions read
         self.n_params = sum(p.numel() for p in self.model.parameters())
+        self.average = WeightAverage(self.model, self.t.ema_decay)
 
     # -- one step ------------------------------------------------------------------------------
     def train_step(self, batch) -> tuple[float, int, float, float]:
@@ -134,6 +136,7 @@ class Trainer:
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.t.clip_norm, foreach=True))
         if math.isfinite(loss) and math.isfinite(grad_norm):
             self.optimizer.step()
+            self.average.update()
             p.nonfinite_in_row = 0
             self.gradients.watch(grad_norm)
         else:
@@ -251,7 +254,8 @@ class Trainer:
         (a budget run anneals early instead, see `Plan.early_anneal`)."""
         p = self.progress
         eval_start, trained_s = self.clock(), self.training_seconds()
-        result = self.task.validate()
+        with self.average.swapped_in():
+            result = self.task.validate()
         improved = result["score"] > p.best_score
         record = {"type": "eval", "step": p.step, "epoch": round(p.epoch + p.batch / max(len(self.batches), 1), 2),
                   "elapsed_s": round(self.clock() - self.started, 1), "eval_s": round(self.clock() - eval_start, 1),
@@ -261,7 +265,8 @@ class Trainer:
         log.info("eval: %s%s", shown, " (best)" if improved else "")
         if improved:
             p.best_score, p.best, p.bad_evals = result["score"], record, 0
-            self.folder.save_best(self.model, {"best": record, "parameters": self.n_params})
+            with self.average.swapped_in():
+                self.folder.save_best(self.model, {"best": record, "parameters": self.n_params})
         else:
             p.bad_evals += 1
             if self.t.lr_schedule == "plateau":
@@ -325,12 +330,18 @@ class Trainer:
     def save_resume_state(self) -> None:
         """Every rank calls it (each adds its random state); rank 0 writes."""
         self.progress.window_s = self.training_seconds() - self.window_started
-        device = next(self.model.parameters()).device
-        mine = {"torch_rng": torch.get_rng_state(), "task": self.task.extra_state()}
-        if device.type == "cuda":  # dropout masks on the GPU come from its own generator
-            mine["cuda_rng"] = torch.cuda.get_rng_state(device)
-        ranks = self.cluster.gather(mine)
-        self.folder.save_state(self.model, self.optimizer, self.progress.to_json(), ranks, self.cluster.active)
+        ranks = self.cluster.gather(random_state(self.model, self.task))
+        self.folder.save_state(self.model, self.optimizer, self.progress.to_json(), ranks, self.cluster.active,
+                               self.average.state())
+
+
+def random_state(model: torch.nn.Module, task) -> dict:
+    """This process's random state, and the task's (a carried hidden state, say)."""
+    device = next(model.parameters()).device
+    mine = {"torch_rng": torch.get_rng_state(), "task": task.extra_state()}
+    if device.type == "cuda":  # dropout masks on the GPU come from its own generator
+        mine["cuda_rng"] = torch.cuda.get_rng_state(device)
+    return mine
 
 
 def catch_signals(trainer: Trainer) -> dict:

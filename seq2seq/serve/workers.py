@@ -1,0 +1,225 @@
+"""The server's inference workers: one thread per model, fed by a bounded queue, so that the event
+loop never runs a model and requests that arrive together share one batched call.
+
+`BatchWorker` gathers the jobs that arrive within `wait_s` of the first (up to `max_batch` texts)
+into one call; `StreamWorker` decodes every live generation as one batch, one character a step,
+admitting new streams and dropping finished or abandoned ones between steps (continuous batching).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from seq2seq import inference, search
+from seq2seq.models.rnn import select_rows
+
+log = logging.getLogger("seq2seq.serve")
+
+
+class QueueFull(Exception):
+    """The worker's queue holds its maximum: the client should retry later (429)."""
+
+
+@dataclass
+class Job:
+    """One request's work: its inputs, the future its result goes to, and whether anyone still
+    waits for it (a request past its deadline or whose client left is skipped, not decoded)."""
+    inputs: Any
+    size: int
+    future: asyncio.Future
+    loop: asyncio.AbstractEventLoop
+    abandoned: bool = False
+
+    def resolve(self, result=None, error: BaseException | None = None) -> None:
+        def settle():
+            if not self.future.done():
+                if error is not None:
+                    self.future.set_exception(error)
+                else:
+                    self.future.set_result(result)
+        self.loop.call_soon_threadsafe(settle)
+
+
+class BatchWorker(threading.Thread):
+    """Runs `run_batch(inputs list) -> results list` on the jobs gathered from its queue."""
+
+    def __init__(self, name: str, run_batch: Callable[[list], list], max_batch: int, wait_s: float, max_queue: int):
+        super().__init__(name=f"{name}-worker", daemon=True)
+        self.run_batch, self.max_batch, self.wait_s = run_batch, max_batch, wait_s
+        self.jobs: queue.Queue[Job | None] = queue.Queue(maxsize=max_queue)
+        self.batches = 0  # calls made, for /health and the tests
+
+    def submit(self, inputs, size: int = 1) -> Job:
+        loop = asyncio.get_running_loop()
+        job = Job(inputs, size, loop.create_future(), loop)
+        try:
+            self.jobs.put_nowait(job)
+        except queue.Full:
+            raise QueueFull from None
+        return job
+
+    def stop(self) -> None:
+        self.jobs.put(None)
+
+    def gather(self, first: Job) -> list[Job]:
+        """`first` and the jobs that arrive within the wait, while the batch has room."""
+        jobs, size, until = [first], first.size, time.monotonic() + self.wait_s
+        while size < self.max_batch:
+            try:
+                job = self.jobs.get(timeout=max(0.0, until - time.monotonic()))
+            except queue.Empty:
+                break
+            if job is None:
+                self.jobs.put(None)
+                break
+            if size + job.size > self.max_batch:
+                self.jobs.queue.appendleft(job)  # it leads the next batch instead
+                break
+            jobs.append(job)
+            size += job.size
+        return jobs
+
+    def run(self) -> None:
+        while (first := self.jobs.get()) is not None:
+            jobs = [job for job in self.gather(first) if not job.abandoned]
+            if not jobs:
+                continue
+            try:
+                results = self.run_batch([job.inputs for job in jobs])
+            except Exception as e:  # the requests fail; the worker serves the next ones
+                log.exception("%s: batch failed", self.name)
+                for job in jobs:
+                    job.resolve(error=e)
+                continue
+            self.batches += 1
+            for job, result in zip(jobs, results):
+                job.resolve(result)
+
+
+@dataclass
+class Stream:
+    """One generation: its prompt and sampling settings, and where its characters go:
+    `deliver(text, done)` is called on the event loop's thread."""
+    prompt: str
+    max_chars: int
+    temperature: float
+    top_k: int
+    top_p: float
+    seed: int | None
+    deliver: Callable[[str, bool], None]
+    loop: asyncio.AbstractEventLoop
+    abandoned: bool = False
+    produced: int = 0
+    choose: Callable | None = field(default=None, repr=False)
+
+
+class StreamWorker(threading.Thread):
+    """Continuous batching of character-model generations."""
+
+    def __init__(self, model, vocab, precision, max_streams: int, max_queue: int):
+        super().__init__(name="generate-worker", daemon=True)
+        self.model, self.vocab, self.precision = model, vocab, precision
+        self.max_streams = max_streams
+        self.waiting: queue.Queue[Stream | None] = queue.Queue(maxsize=max_queue)
+        self.live: list[Stream] = []
+        self.steps = 0  # batched steps taken, for the tests
+        self.stopped = False
+
+    def submit(self, stream: Stream) -> None:
+        try:
+            self.waiting.put_nowait(stream)
+        except queue.Full:
+            raise QueueFull from None
+
+    def stop(self) -> None:
+        self.stopped = True
+        self.waiting.put(None)
+
+    def run(self) -> None:
+        with inference.decoding(self.model, self.precision) as decoder:
+            state, tokens = None, None
+            while not self.stopped:
+                if not self.live:
+                    first = self.waiting.get()
+                    if first is None:
+                        return
+                    self.waiting.queue.appendleft(first)
+                state, tokens = self.admit(decoder, state, tokens)
+                if not self.live:
+                    continue
+                state, tokens = self.step(decoder, state, tokens)
+
+    def admit(self, decoder, state, tokens):
+        """Start the waiting streams (each reads its prompt alone) and add them to the batch."""
+        while len(self.live) < self.max_streams:
+            try:
+                stream = self.waiting.get_nowait()
+            except queue.Empty:
+                break
+            if stream is None:
+                self.stopped = True
+                break
+            if stream.abandoned:
+                continue
+            prompt = stream.prompt or "\n"  # an empty prompt starts as after a line break
+            ids = torch.tensor([self.vocab.encode(prompt, warn=False)], dtype=torch.long)
+            own = decoder.start(ids)["hidden"]
+            if own is None:  # a one-character prompt: the zero state the model starts from
+                own = _zero_state(self.model)
+            generator = torch.Generator().manual_seed(stream.seed if stream.seed is not None
+                                                      else int(torch.randint(2**62, ())))
+            stream.choose = search.sampler(stream.temperature, stream.top_k, stream.top_p, generator)
+            state = own if state is None else _concat(state, own)
+            tokens = ids[:, -1] if tokens is None else torch.cat([tokens, ids[:, -1]])
+            self.live.append(stream)
+        return state, tokens
+
+    def step(self, decoder, state, tokens):
+        logits, after = decoder.step(tokens, {"hidden": state})
+        log_probs = search.log_probs(logits)
+        chosen = torch.cat([stream.choose(log_probs[i : i + 1]) for i, stream in enumerate(self.live)])
+        pieces = [self.vocab.chars[t] for t in chosen.tolist()]
+        self.steps += 1
+        updates, keep = [], []
+        for i, (stream, piece) in enumerate(zip(self.live, pieces)):
+            stream.produced += 1
+            done = stream.produced >= stream.max_chars
+            if not stream.abandoned:
+                updates.append((stream, piece, done))
+            if not (done or stream.abandoned):
+                keep.append(i)
+        if updates:
+            updates[0][0].loop.call_soon_threadsafe(_deliver_all, updates)
+        hidden = after["hidden"]
+        if len(keep) < len(self.live):
+            index = torch.tensor(keep, dtype=torch.long)
+            self.live = [self.live[i] for i in keep]
+            if not keep:
+                return None, None
+            return select_rows(hidden, index), chosen.index_select(0, index)
+        return hidden, chosen
+
+
+def _deliver_all(updates: list) -> None:
+    for stream, piece, done in updates:
+        stream.deliver(piece, done)
+
+
+def _concat(a, b):
+    """Two RNN states ((layers, batch, size), or an LSTM's pair) as one batch."""
+    if isinstance(a, tuple):
+        return tuple(torch.cat([x, y.to(x.dtype)], 1) for x, y in zip(a, b))
+    return torch.cat([a, b.to(a.dtype)], 1)
+
+
+def _zero_state(model):
+    cfg = model.cfg
+    zeros = torch.zeros(cfg.layers, 1, cfg.hidden)
+    return (zeros, zeros.clone()) if cfg.cell == "lstm" else zeros

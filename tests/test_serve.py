@@ -1,0 +1,225 @@
+"""seq2seq serve, in process: every route and error status, results equal to the library's,
+batching across requests."""
+import asyncio
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("fastapi", reason="the [serve] extra is not installed")
+from fastapi.testclient import TestClient  # noqa: E402
+
+from seq2seq import checkpoint, inference  # noqa: E402
+from seq2seq.serve.app import Gate, create_app  # noqa: E402
+from seq2seq.serve.limits import Limits  # noqa: E402
+from seq2seq.serve.models import Models  # noqa: E402
+from seq2seq.serve.workers import BatchWorker  # noqa: E402
+from conftest import ROOT  # noqa: E402
+
+RELEASED = {"translator": ROOT / "checkpoints" / "en-fr", "charlm": ROOT / "checkpoints" / "shakespeare",
+            "classifier": ROOT / "checkpoints" / "sst2"}
+
+
+def loaded(limits: Limits, folders=RELEASED) -> Models:
+    models = Models(folders, limits, Gate())
+    models.start().join()
+    assert models.gate.ready.is_set(), models.gate.failed
+    return models
+
+
+@pytest.fixture(scope="module")
+def served():
+    models = loaded(Limits(max_texts=4, max_chars=300, max_line_chars=200, max_body_bytes=5_000))
+    yield models
+    models.stop()
+
+
+@pytest.fixture(scope="module")
+def client(served):
+    with TestClient(create_app(served, served.limits)) as c:
+        yield c
+
+
+def test_health_and_models_list_the_served_models_and_limits(client):
+    assert client.get("/health").json()["status"] == "ok"
+    listed = client.get("/v1/models").json()
+    assert [m["kind"] for m in listed["models"]] == ["translator", "charlm", "classifier"]
+    assert [m["name"] for m in listed["models"]] == ["en-fr", "shakespeare", "sst2"]
+    assert all(m["parameters"] > 1_000_000 for m in listed["models"])
+    assert listed["models"][2]["scores"]["dev_accuracy"] > 0.8
+    assert listed["limits"]["max_texts"] == 4
+    assert "/v1/translate" in client.get("/openapi.json").json()["paths"]
+    page = client.get("/")
+    assert page.status_code == 200 and "<canvas id=\"heatmap\"" in page.text and "http" not in page.text.split(
+        "<script>")[0].replace("http-equiv", "")  # nothing loaded from outside the server
+
+
+def test_translate_nbest_and_scores_equal_the_library_and_attention_rows_sum_to_one(client):
+    cfg, model, tokenizer = checkpoint.load(RELEASED["translator"])
+    texts = ["Two dogs play in the snow.", "", "I like cheese."]
+    response = client.post("/v1/translate", json={"texts": texts, "beam": 4, "nbest": 3, "attention": True})
+    assert response.status_code == 200, response.text
+    got = response.json()["translations"]
+    expected = inference.translate(model, tokenizer, texts, beam=4, nbest=3)
+    for translation, hyps in zip(got, expected):
+        assert [(h["text"], h["score"]) for h in translation["nbest"]] == hyps
+        assert translation["text"] == hyps[0][0]
+    scores = [h["score"] for h in got[0]["nbest"]]
+    assert scores == sorted(scores, reverse=True) and got[0]["text"].startswith("Deux chiens")
+    attention = got[0]["attention"]
+    assert got[1]["attention"] is None  # an empty line has nothing to attend to
+    weights = torch.tensor(attention["weights"])
+    assert weights.shape == (len(attention["target"]), len(attention["source"]))
+    assert torch.allclose(weights.sum(1), torch.ones(len(weights)), atol=1e-3)
+    assert attention["source"][-1] == attention["target"][-1] == "</s>"
+
+
+def test_classify_equals_the_library_and_keeps_empty_lines(client):
+    cfg, model, tokenizer = checkpoint.load(RELEASED["classifier"])
+    texts = ["This movie was absolutely fantastic!", "", "Dull and boring."]
+    got = client.post("/v1/classify", json={"texts": texts}).json()["labels"]
+    expected = inference.classify(model, tokenizer, texts, cfg.data.normalize, cfg.data.max_tokens)
+    assert got[1] is None and expected[1] is None
+    assert [(g["label"], g["probability"]) for g in (got[0], got[2])] == [expected[0], expected[2]]
+    assert [g["label"] for g in (got[0], got[2])] == ["positive", "negative"]
+
+
+def test_generate_with_a_seed_equals_the_library(client):
+    cfg, model, vocab = checkpoint.load(RELEASED["charlm"])
+    body = {"prompt": "ROMEO:", "max_chars": 80, "temperature": 0.8, "top_k": 20, "seed": 7}
+    got = client.post("/v1/generate", json=body).json()
+    expected = inference.generate(model, vocab, ["ROMEO:"], 80, temperature=0.8, top_k=20, seed=7)[0]
+    assert got["text"] == expected and len(expected) == 80
+    assert client.post("/v1/generate", json=body).json()["text"] == expected  # repeatable
+
+
+@pytest.mark.parametrize("body,status,words", [
+    ({"texts": ["a"], "beam": 2, "nbest": 3}, 422, "nbest (3) cannot exceed beam (2)"),
+    ({"texts": ["a"], "bean": 2}, 422, "bean"),
+    ({"texts": []}, 422, "texts"),
+    ({"texts": ["a"] * 5}, 422, "texts: 5 texts; the limit is 4"),
+    ({"texts": ["a"], "beam": 17}, 422, "beam: 17; the limit is 16"),
+    ({"texts": ["a", "b" * 201]}, 413, "texts[1]: 201 characters; the limit is 200"),
+    ({"texts": ["a" * 190] * 30}, 413, "the limit is 5000"),
+    ({"texts": "a"}, 422, "texts"),
+])
+def test_bad_translate_requests_get_a_json_error_naming_the_field(client, body, status, words):
+    response = client.post("/v1/translate", json=body)
+    assert response.status_code == status
+    assert set(response.json()) == {"error", "type"} and words in response.json()["error"]
+
+
+def test_bad_generate_and_body_errors(client):
+    over = client.post("/v1/generate", json={"prompt": "A", "max_chars": 301})
+    assert over.status_code == 422 and "max_chars: 301; the limit is 300" in over.json()["error"]
+    assert client.post("/v1/generate", json={"prompt": "A", "temperature": -1}).status_code == 422
+    broken = client.post("/v1/translate", content=b"{not json", headers={"content-type": "application/json"})
+    assert broken.status_code == 422 and broken.json()["type"] == "invalid_request"
+    assert client.get("/v1/nothing").status_code == 404
+
+
+class Blocked:
+    """A stand-in for `Models` whose translator worker waits for `release` before each batch."""
+
+    def __init__(self, limits: Limits):
+        self.limits, self.gate, self.release, self.started = limits, Gate(), threading.Event(), threading.Event()
+        self.gate.ready.set()
+
+        def run(requests):
+            self.started.set()
+            self.release.wait(10)
+            return [[{"text": t, "score": 0.0, "nbest": []} for t in r.texts] for r in requests]
+
+        worker = BatchWorker("translator", run, limits.max_batch, limits.batch_wait_ms / 1000, limits.max_queue)
+        worker.start()
+        self.served = {"translator": type("Served", (), {"worker": worker, "name": "blocked",
+                                                         "describe": lambda self: {}})()}
+
+    def live_streams(self):
+        return 0
+
+    def queued(self):
+        return self.served["translator"].worker.jobs.qsize()
+
+
+def test_a_full_queue_gets_429_with_retry_after_and_a_late_result_504():
+    fake = Blocked(Limits(max_queue=1, timeout_s=0.5, max_batch=1, batch_wait_ms=0))
+    with TestClient(create_app(fake, fake.limits, gate=fake.gate)) as client:
+        results = {}
+
+        def ask(name):
+            results[name] = client.post("/v1/translate", json={"texts": ["a"]})
+
+        first = threading.Thread(target=ask, args=("first",))
+        first.start()
+        assert fake.started.wait(5)  # the worker took it, and blocks
+        second = threading.Thread(target=ask, args=("second",))
+        second.start()
+        for _ in range(500):  # until it waits in the queue's one place
+            if fake.queued() == 1:
+                break
+            threading.Event().wait(0.01)
+        third = client.post("/v1/translate", json={"texts": ["a"]})
+        assert third.status_code == 429 and third.headers["retry-after"] == "1"
+        assert third.json()["type"] == "overloaded"
+        first.join()
+        second.join()
+        assert results["first"].status_code == 504 and "no result within 0.5 s" in results["first"].json()["error"]
+        fake.release.set()
+
+
+def test_api_keys_are_required_when_given(served, tmp_path):
+    with TestClient(create_app(served, served.limits, api_keys=["s3cret", "other"])) as client:
+        assert client.post("/v1/classify", json={"texts": ["good"]}).status_code == 401
+        wrong = client.post("/v1/classify", json={"texts": ["good"]}, headers={"authorization": "Bearer nope"})
+        assert wrong.status_code == 401 and wrong.headers["www-authenticate"] == "Bearer"
+        ok = client.post("/v1/classify", json={"texts": ["good"]}, headers={"authorization": "Bearer other"})
+        assert ok.status_code == 200
+        assert client.get("/health").status_code == 200  # health and the page stay open
+        assert client.get("/").status_code == 200
+
+
+def test_loading_and_draining_answer_503(served):
+    gate = Gate()
+    with TestClient(create_app(served, served.limits, gate=gate)) as client:
+        assert client.get("/health").status_code == 503
+        loading = client.post("/v1/classify", json={"texts": ["good"]})
+        assert loading.status_code == 503 and "loading" in loading.json()["error"]
+        gate.ready.set()
+        assert client.post("/v1/classify", json={"texts": ["good"]}).status_code == 200
+        gate.draining = True
+        assert client.get("/health").json() == {"status": "draining"}
+        assert client.post("/v1/classify", json={"texts": ["good"]}).status_code == 503
+
+
+def test_a_server_without_a_kind_answers_404(tmp_path):
+    models = loaded(Limits(), {"classifier": RELEASED["classifier"]})
+    try:
+        with TestClient(create_app(models, models.limits)) as client:
+            response = client.post("/v1/translate", json={"texts": ["a"]})
+            assert response.status_code == 404 and "no translator model" in response.json()["error"]
+    finally:
+        models.stop()
+
+
+def test_batch_worker_gathers_concurrent_requests_up_to_its_batch():
+    seen = []
+    worker = BatchWorker("test", lambda inputs: seen.append(list(inputs)) or inputs, max_batch=3, wait_s=0.2,
+                         max_queue=16)
+    worker.start()
+
+    async def main():
+        jobs = [worker.submit(i) for i in range(7)]
+        return [await job.future for job in jobs]
+
+    assert asyncio.run(main()) == list(range(7))
+    assert seen == [[0, 1, 2], [3, 4, 5], [6]]
+    worker.stop()
+
+
+def test_serve_refuses_a_missing_model_folder_in_one_line(tmp_path):
+    from conftest import assert_one_line_error, run_cli
+
+    result = run_cli("serve", "-m", tmp_path / "none", "--port", "0")
+    assert_one_line_error(result, f"{tmp_path / 'none'}: not a model folder")
