@@ -223,3 +223,28 @@ def test_serve_refuses_a_missing_model_folder_in_one_line(tmp_path):
 
     result = run_cli("serve", "-m", tmp_path / "none", "--port", "0")
     assert_one_line_error(result, f"{tmp_path / 'none'}: not a model folder")
+
+
+def documented_requests():
+    """(doc, path, body) of each `curl ... localhost:PORT/PATH ... -d 'JSON'` in the README and docs/serve.md."""
+    import re
+    import shlex
+
+    for doc in (ROOT / "README.md", ROOT / "docs" / "serve.md"):
+        text = doc.read_text(encoding="utf-8").replace("\\\n", " ")
+        for line in text.splitlines():
+            if line.lstrip().startswith("curl "):
+                words = shlex.split(line)
+                path = re.search(r"localhost:\d+(/\S*)", line).group(1)
+                yield doc.name, path, words[words.index("-d") + 1]
+
+
+@pytest.mark.parametrize("doc,path,body", list(documented_requests()))
+def test_documented_curl_requests_succeed(served, doc, path, body):
+    import json
+
+    with TestClient(create_app(served, Limits())) as client:  # the default limits, as documented
+        response = client.post(path, content=body, headers={"content-type": "application/json"})
+    assert response.status_code == 200, (doc, response.text)
+    if json.loads(body).get("stream"):
+        assert response.text.startswith("event: text") and "event: done" in response.text

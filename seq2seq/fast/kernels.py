@@ -124,7 +124,7 @@ def packed_bidirectional_lstm(layers: list, x: PackedSequence) -> tuple[PackedSe
     starts = [sum(sizes[:t]) for t in range(len(sizes))]
     data, h_n, c_n = x.data, [], []
     for inputs, *recurrent in layers:
-        gates_in = inputs(data)
+        gates_in = inputs(data).float()  # once here, not a slice at every step
         size = gates_in.size(1) // 8
         out = data.new_empty(data.size(0), 2 * size, dtype=torch.float32)
         for direction, times in enumerate((range(len(sizes)), reversed(range(len(sizes))))):

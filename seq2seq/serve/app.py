@@ -216,7 +216,7 @@ async def health(request: Request):
     if gate.draining or not gate.ready.is_set():
         return JSONResponse({"status": "draining" if gate.draining else "loading"}, status_code=503)
     return {"status": "ok", "in_flight": gate.in_flight, "live_streams": models.live_streams(),
-            "queued": models.queued()}
+            "queued": models.queued(), "workers": models.statistics()}
 
 
 @router.get("/v1/models")
@@ -232,16 +232,16 @@ async def translate(body: TranslateRequest, request: Request):
     if body.beam > limits.max_beam:
         raise ApiError(422, "invalid_request", f"beam: {body.beam}; the limit is {limits.max_beam}")
     check_texts(body.texts, limits)
-    return {"model": served.name,
-            "translations": await result_of(served.worker, body, len(body.texts), limits.timeout_s)}
+    translations = await result_of(served.worker, body, len(body.texts), limits.timeout_s)
+    return JSONResponse({"model": served.name, "translations": translations})  # plain JSON: no encoder pass
 
 
 @router.post("/v1/classify")
 async def classify(body: ClassifyRequest, request: Request):
     served, limits = served_model(request, "classifier"), request.app.state.limits
     check_texts(body.texts, limits)
-    return {"model": served.name, "labels": await result_of(served.worker, body.texts, len(body.texts),
-                                                            limits.timeout_s)}
+    labels = await result_of(served.worker, body.texts, len(body.texts), limits.timeout_s)
+    return JSONResponse({"model": served.name, "labels": labels})
 
 
 @router.post("/v1/generate")
@@ -268,12 +268,14 @@ async def generate(body: GenerateRequest, request: Request):
             done = False
             while not done:
                 piece, done = await pieces.get()
+                if isinstance(piece, Exception):
+                    raise piece
                 text.append(piece)
     except TimeoutError:
         raise ApiError(504, "timeout", f"no result within {limits.timeout_s:g} s") from None
     finally:
         stream.abandoned = True
-    return {"model": served.name, "prompt": body.prompt, "text": "".join(text)}
+    return JSONResponse({"model": served.name, "prompt": body.prompt, "text": "".join(text)})
 
 
 async def events(stream: Stream, pieces: asyncio.Queue, timeout_s: float):
@@ -289,6 +291,9 @@ async def events(stream: Stream, pieces: asyncio.Queue, timeout_s: float):
                 while not done and not pieces.empty():  # what else came meanwhile goes in the same event
                     piece, done = pieces.get_nowait()
                     chunk.append(piece)
+                if isinstance(chunk[-1], Exception):
+                    yield f"event: error\ndata: {json.dumps({'error': 'generation failed', 'type': 'internal'})}\n\n"
+                    return
                 text.extend(chunk)
                 yield f"event: text\ndata: {json.dumps({'text': ''.join(chunk)})}\n\n"
         yield f"event: done\ndata: {json.dumps({'text': ''.join(text), 'chars': stream.produced})}\n\n"

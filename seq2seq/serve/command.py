@@ -36,6 +36,9 @@ def add_serve_parser(sub) -> None:
                                                      "(one a line)")
     p.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
                    help="allow browser pages from ORIGIN to call the API (repeatable; default: none)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="threads for the models' arithmetic (default 0: all cores but one, which the HTTP "
+                        "server keeps for parsing and writing)")
     p.add_argument("--ready-file", type=Path, help=argparse.SUPPRESS)  # the bound port, for tests and scripts
     from seq2seq.serve.limits import Limits
 
@@ -68,5 +71,10 @@ def cmd_serve(args) -> None:
         raise UserError(f"seq2seq serve needs the [serve] extra: pip install -e \".[serve]\" ({e.name} is missing)") \
             from None
     keys = read_api_keys(args.api_key_file) if args.api_key_file else None
+    import os
+
+    import torch
+
+    torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 2) - 1))
     device = "cpu" if args.device == "auto" else args.device
     serve(folders, args.host, args.port, limits, keys, args.cors_origin, args.precision, device, args.ready_file)

@@ -132,6 +132,15 @@ class Models:
         return sum(s.worker.jobs.qsize() if isinstance(s.worker, BatchWorker) else s.worker.waiting.qsize()
                    for s in self.served.values())
 
+    def statistics(self) -> dict:
+        """Per model: batched calls (or steps) made, texts (or characters) in them, seconds busy."""
+        out = {}
+        for kind, served in self.served.items():
+            w = served.worker
+            out[kind] = ({"batches": w.batches, "texts": w.texts, "busy_s": round(w.busy_s, 3)}
+                         if isinstance(w, BatchWorker) else {"steps": w.steps, "live_streams": len(w.live)})
+        return out
+
     def stop(self) -> None:
         for served in self.served.values():
             served.worker.stop()

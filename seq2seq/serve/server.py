@@ -3,6 +3,7 @@ flight finish, then the server exits 0; a second signal stops at once."""
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from seq2seq.serve.models import Models
 log = logging.getLogger("seq2seq.serve")
 
 DRAIN_TIMEOUT_S = 60.0
+SWITCH_INTERVAL_S = 0.0005
 
 
 def serve(folders: dict[str, Path], host: str, port: int, limits: Limits, api_keys: list[str] | None = None,
@@ -22,6 +24,9 @@ def serve(folders: dict[str, Path], host: str, port: int, limits: Limits, api_ke
           ready_file: Path | None = None) -> None:
     """Serve `folders` ({kind: model folder}) until a signal has drained the server.
     `ready_file`: where the bound port is written once listening (useful with port 0)."""
+    # The event loop and the workers share the GIL; at Python's default 5 ms switch interval a
+    # request's parsing or a response's write can wait a whole interval behind a decoding step.
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
     gate = Gate()
     models = Models(folders, limits, gate, precision, device)
     app = create_app(models, limits, api_keys, cors_origins, gate)

@@ -54,7 +54,8 @@ class BatchWorker(threading.Thread):
         super().__init__(name=f"{name}-worker", daemon=True)
         self.run_batch, self.max_batch, self.wait_s = run_batch, max_batch, wait_s
         self.jobs: queue.Queue[Job | None] = queue.Queue(maxsize=max_queue)
-        self.batches = 0  # calls made, for /health and the tests
+        self.held: Job | None = None  # a job that did not fit the last batch: it leads the next
+        self.batches, self.texts, self.busy_s = 0, 0, 0.0  # for /health: how well requests batch
 
     def submit(self, inputs, size: int = 1) -> Job:
         loop = asyncio.get_running_loop()
@@ -80,17 +81,21 @@ class BatchWorker(threading.Thread):
                 self.jobs.put(None)
                 break
             if size + job.size > self.max_batch:
-                self.jobs.queue.appendleft(job)  # it leads the next batch instead
+                self.held = job
                 break
             jobs.append(job)
             size += job.size
         return jobs
 
     def run(self) -> None:
-        while (first := self.jobs.get()) is not None:
+        while True:
+            first, self.held = self.held or self.jobs.get(), None
+            if first is None:
+                return
             jobs = [job for job in self.gather(first) if not job.abandoned]
             if not jobs:
                 continue
+            started = time.perf_counter()
             try:
                 results = self.run_batch([job.inputs for job in jobs])
             except Exception as e:  # the requests fail; the worker serves the next ones
@@ -99,6 +104,8 @@ class BatchWorker(threading.Thread):
                     job.resolve(error=e)
                 continue
             self.batches += 1
+            self.texts += sum(job.size for job in jobs)
+            self.busy_s += time.perf_counter() - started
             for job, result in zip(jobs, results):
                 job.resolve(result)
 
@@ -106,7 +113,8 @@ class BatchWorker(threading.Thread):
 @dataclass
 class Stream:
     """One generation: its prompt and sampling settings, and where its characters go:
-    `deliver(text, done)` is called on the event loop's thread."""
+    `deliver(text, done)` is called on the event loop's thread (`text` is the exception where
+    the step failed)."""
     prompt: str
     max_chars: int
     temperature: float
@@ -146,21 +154,22 @@ class StreamWorker(threading.Thread):
         with inference.decoding(self.model, self.precision) as decoder:
             state, tokens = None, None
             while not self.stopped:
-                if not self.live:
-                    first = self.waiting.get()
-                    if first is None:
-                        return
-                    self.waiting.queue.appendleft(first)
-                state, tokens = self.admit(decoder, state, tokens)
-                if not self.live:
-                    continue
-                state, tokens = self.step(decoder, state, tokens)
+                first = None if self.live else self.waiting.get()  # idle: wait for a stream
+                try:
+                    state, tokens = self.admit(decoder, state, tokens, first)
+                    if self.live:
+                        state, tokens = self.step(decoder, state, tokens)
+                except Exception as e:  # the live streams fail; the worker serves the next ones
+                    log.exception("generate: step failed")
+                    failed, self.live, state, tokens = self.live, [], None, None
+                    if failed:
+                        failed[0].loop.call_soon_threadsafe(_deliver_all, [(s, e, True) for s in failed])
 
-    def admit(self, decoder, state, tokens):
-        """Start the waiting streams (each reads its prompt alone) and add them to the batch."""
+    def admit(self, decoder, state, tokens, first: Stream | None = None):
+        """Start `first` and the waiting streams (each reads its prompt alone) and add them to the batch."""
         while len(self.live) < self.max_streams:
             try:
-                stream = self.waiting.get_nowait()
+                stream, first = first or self.waiting.get_nowait(), None
             except queue.Empty:
                 break
             if stream is None:
