@@ -248,3 +248,45 @@ def test_documented_curl_requests_succeed(served, doc, path, body):
     assert response.status_code == 200, (doc, response.text)
     if json.loads(body).get("stream"):
         assert response.text.startswith("event: text") and "event: done" in response.text
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_streams_decoded_together_each_equal_their_own_generation(cell):
+    """Continuous batching on a small random model (fp32): streams with different prompts,
+    lengths and seeds, joining one batch, each come out as `inference.generate` makes them alone;
+    the batch takes as many steps as its longest stream, not the sum."""
+    from seq2seq.config import CharLMModel
+    from seq2seq.device import FP32
+    from seq2seq.models.charlm import CharLM
+    from seq2seq.serve.workers import Stream, StreamWorker
+    from seq2seq.tokenizer import CharVocab
+
+    torch.manual_seed(0)
+    vocab = CharVocab.build("abcdefgh ROME:\n")
+    model = CharLM(CharLMModel(cell=cell, emb_dim=16, hidden=24, layers=2, dropout=0.0), len(vocab.chars)).eval()
+    asks = [("ROMEO:", 40, 0.0, 1), ("a", 25, 1.0, 7), ("", 33, 0.8, 3), ("bad cafe", 12, 1.0, 11)]
+    worker = StreamWorker(model, vocab, FP32, max_streams=8, max_queue=16)
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        texts = {i: [] for i in range(len(asks))}
+        finished = {i: loop.create_future() for i in range(len(asks))}
+
+        def deliver_to(i):
+            def deliver(piece, done):
+                texts[i].append(piece)
+                if done:
+                    finished[i].set_result("".join(texts[i]))
+            return deliver
+
+        for i, (prompt, chars, temperature, seed) in enumerate(asks):  # queued before the worker starts
+            worker.submit(Stream(prompt, chars, temperature, 0, 1.0, seed, deliver_to(i), loop))
+        worker.start()
+        return [await finished[i] for i in range(len(asks))]
+
+    results = asyncio.run(main())
+    worker.stop()
+    for (prompt, chars, temperature, seed), text in zip(asks, results):
+        alone = inference.generate(model, vocab, [prompt], chars, temperature=temperature, seed=seed, precision=FP32)[0]
+        assert text == alone and len(text) == chars
+    assert worker.steps == max(chars for _, chars, _, _ in asks)

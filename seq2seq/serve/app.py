@@ -93,7 +93,7 @@ class Gate:
             return self.idle.wait_for(lambda: self.in_flight == 0, timeout)
 
 
-class BodyLimit:
+class ApiGate:
     """ASGI middleware: API requests in flight are counted, refused with 503 while loading or
     draining, and a body past the limit is answered 413 before it is parsed."""
 
@@ -130,8 +130,9 @@ class BodyLimit:
 def create_app(models, limits: Limits, api_keys: list[str] | None = None, cors_origins: list[str] | None = None,
                gate: Gate | None = None) -> FastAPI:
     """The app over `models` (a `seq2seq.serve.models.Models`, loaded or loading)."""
+    # /openapi.json describes the API; no /docs page, whose Swagger UI would load from a CDN
     app = FastAPI(title="seq2seq", version="1", summary="Translation, generation and classification with "
-                  "recurrent models, batched across requests.")
+                  "recurrent models, batched across requests.", docs_url=None, redoc_url=None)
     gate = gate or models.gate
     app.state.models, app.state.limits, app.state.gate = models, limits, gate
     app.state.keys = [k.encode() for k in api_keys or []]
@@ -139,7 +140,7 @@ def create_app(models, limits: Limits, api_keys: list[str] | None = None, cors_o
     app.add_exception_handler(RequestValidationError, invalid_request)
     app.add_exception_handler(Exception, internal_error)
     app.include_router(router)
-    app.add_middleware(BodyLimit, gate=gate, limit=limits.max_body_bytes)
+    app.add_middleware(ApiGate, gate=gate, limit=limits.max_body_bytes)
     if cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=cors_origins, allow_methods=["GET", "POST"],
                            allow_headers=["authorization", "content-type"])
