@@ -218,11 +218,23 @@ def test_batch_worker_gathers_concurrent_requests_up_to_its_batch():
     worker.stop()
 
 
-def test_serve_refuses_a_missing_model_folder_in_one_line(tmp_path):
+def test_serve_refuses_a_missing_model_folder_a_busy_port_and_a_bad_key_file_in_one_line(tmp_path):
+    import socket
+
     from conftest import assert_one_line_error, run_cli
 
     result = run_cli("serve", "-m", tmp_path / "none", "--port", "0")
     assert_one_line_error(result, f"{tmp_path / 'none'}: not a model folder")
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = run_cli("serve", "--classifier", RELEASED["classifier"], "--port", port)
+        assert_one_line_error(result, f"cannot listen on 127.0.0.1:{port}", "in use")
+    (tmp_path / "keys.txt").write_text("# no key here\n\n")
+    result = run_cli("serve", "--classifier", RELEASED["classifier"], "--port", "0", "--api-key-file",
+                     tmp_path / "keys.txt")
+    assert_one_line_error(result, "keys.txt: no API key in the file")
 
 
 def documented_requests():

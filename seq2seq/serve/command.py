@@ -61,8 +61,7 @@ def cmd_serve(args) -> None:
     for kind, folder in folders.items():
         if not (Path(folder) / "config.json").is_file():
             raise UserError(f"{folder}: not a model folder (config.json not found)")
-    if not 0 <= args.port <= 65535:
-        raise UserError(f"--port must be between 0 and 65535, got {args.port}")
+    check_address(args.host, args.port)
     limits = Limits(**{f.name: getattr(args, f.name) for f in fields(Limits)})
     try:
         from seq2seq.serve.app import read_api_keys
@@ -78,3 +77,22 @@ def cmd_serve(args) -> None:
     torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 2) - 1))
     device = "cpu" if args.device == "auto" else args.device
     serve(folders, args.host, args.port, limits, keys, args.cors_origin, args.precision, device, args.ready_file)
+
+
+def check_address(host: str, port: int) -> None:
+    """A port in use or a host that is not this machine's fails here in one line, before the
+    models load (uvicorn would log it in several and exit 3)."""
+    import socket
+
+    if not 0 <= port <= 65535:
+        raise UserError(f"--port must be between 0 and 65535, got {port}")
+    try:
+        family, kind, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as e:
+        raise UserError(f"--host {host}: {e.strerror}") from None
+    with socket.socket(family, kind) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            probe.bind(address)
+        except OSError as e:
+            raise UserError(f"cannot listen on {host}:{port}: {e.strerror}") from None

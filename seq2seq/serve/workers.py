@@ -69,9 +69,11 @@ class BatchWorker(threading.Thread):
     def stop(self) -> None:
         self.jobs.put(None)
 
-    def gather(self, first: Job) -> list[Job]:
-        """`first` and the jobs that arrive within the wait, while the batch has room."""
-        jobs, size, until = [first], first.size, time.monotonic() + self.wait_s
+    def gather(self, first: Job, backlog: bool) -> list[Job]:
+        """`first` and the jobs that arrive within the wait, while the batch has room. With a
+        backlog (jobs queued while the last batch ran) the batch takes those and goes: waiting
+        would only idle a busy worker."""
+        jobs, size, until = [first], first.size, time.monotonic() + (0.0 if backlog else self.wait_s)
         while size < self.max_batch:
             try:
                 job = self.jobs.get(timeout=max(0.0, until - time.monotonic()))
@@ -89,10 +91,11 @@ class BatchWorker(threading.Thread):
 
     def run(self) -> None:
         while True:
+            backlog = self.held is not None or not self.jobs.empty()
             first, self.held = self.held or self.jobs.get(), None
             if first is None:
                 return
-            jobs = [job for job in self.gather(first) if not job.abandoned]
+            jobs = [job for job in self.gather(first, backlog) if not job.abandoned]
             if not jobs:
                 continue
             started = time.perf_counter()
