@@ -164,25 +164,31 @@ def sample(model, state, first_tokens, max_lens, eos: int | None = None, tempera
 
 def sampler(temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
             generator: torch.Generator | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
-    """`choose(log_probs) -> tokens`, one per row: `sample`'s rule, for callers that step a model
-    themselves (the server samples each stream with its own generator)."""
+    """`choose(log_probs) -> tokens`, one per row: `sample`'s rule (temperature 0: greedy)."""
     if temperature <= 0:
         return _argmax
 
     def choose(log_probs: torch.Tensor) -> torch.Tensor:
-        logits = log_probs / temperature  # the softmax of logits shifted by a row's constant
-        if 0 < top_k < logits.size(-1):
-            kth = logits.topk(top_k, dim=-1).values[:, -1:]
-            logits = logits.masked_fill(logits < kth, float("-inf"))
-        if top_p < 1.0:
-            sorted_logits, order = logits.sort(dim=-1, descending=True)
-            probs = sorted_logits.softmax(-1)
-            # drop a token when the tokens before it already hold top_p of the mass
-            drop = probs.cumsum(-1) - probs >= top_p
-            logits = logits.scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
-        return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(1)
+        probs = sampling_probs(log_probs, temperature, top_k, top_p)
+        return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 
     return choose
+
+
+def sampling_probs(log_probs: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """The distribution each row's token is drawn from (temperature > 0): callers that draw each row
+    with its own generator (the server's streams) share this one pass over their rows."""
+    logits = log_probs / temperature  # the softmax of logits shifted by a row's constant
+    if 0 < top_k < logits.size(-1):
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        # drop a token when the tokens before it already hold top_p of the mass
+        drop = probs.cumsum(-1) - probs >= top_p
+        logits = logits.scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    return logits.softmax(-1)
 
 
 def _best_continuations(log_probs: torch.Tensor, scores: torch.Tensor, width: int):

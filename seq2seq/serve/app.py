@@ -25,6 +25,8 @@ from seq2seq.serve.workers import QueueFull, Stream
 
 log = logging.getLogger("seq2seq.serve")
 
+STREAM_FLUSH_S = 0.02
+
 
 class ApiError(Exception):
     def __init__(self, status: int, kind: str, message: str, headers: dict | None = None):
@@ -255,7 +257,8 @@ async def generate(body: GenerateRequest, request: Request):
         raise ApiError(413, "too_large", f"prompt: {len(body.prompt)} characters; the limit is {limits.max_line_chars}")
     pieces: asyncio.Queue = asyncio.Queue()
     stream = Stream(body.prompt, body.max_chars, body.temperature, body.top_k, body.top_p, body.seed,
-                    lambda piece, done: pieces.put_nowait((piece, done)), asyncio.get_running_loop())
+                    lambda piece, done: pieces.put_nowait((piece, done)), asyncio.get_running_loop(),
+                    pieces=body.stream)
     try:
         served.worker.submit(stream)
     except QueueFull:
@@ -267,7 +270,7 @@ async def generate(body: GenerateRequest, request: Request):
     try:
         async with asyncio.timeout(limits.timeout_s):
             done = False
-            while not done:
+            while not done:  # one piece, the whole text, unless the stream was asked for
                 piece, done = await pieces.get()
                 if isinstance(piece, Exception):
                     raise piece
@@ -297,6 +300,8 @@ async def events(stream: Stream, pieces: asyncio.Queue, timeout_s: float):
                     return
                 text.extend(chunk)
                 yield f"event: text\ndata: {json.dumps({'text': ''.join(chunk)})}\n\n"
+                if not done:  # at most one event a STREAM_FLUSH_S: many streams cost few writes
+                    await asyncio.sleep(STREAM_FLUSH_S)
         yield f"event: done\ndata: {json.dumps({'text': ''.join(text), 'chars': stream.produced})}\n\n"
     except TimeoutError:
         yield f"event: error\ndata: {json.dumps({'error': f'no result within {timeout_s:g} s', 'type': 'timeout'})}\n\n"

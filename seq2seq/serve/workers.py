@@ -126,9 +126,11 @@ class Stream:
     seed: int | None
     deliver: Callable[[str, bool], None]
     loop: asyncio.AbstractEventLoop
+    pieces: bool = True  # deliver each step's character; False: the whole text once, at the end
     abandoned: bool = False
+    text: list[str] = field(default_factory=list, repr=False)
     produced: int = 0
-    choose: Callable | None = field(default=None, repr=False)
+    generator: torch.Generator | None = field(default=None, repr=False)
 
 
 class StreamWorker(threading.Thread):
@@ -185,9 +187,8 @@ class StreamWorker(threading.Thread):
             own = decoder.start(ids)["hidden"]
             if own is None:  # a one-character prompt: the zero state the model starts from
                 own = _zero_state(self.model)
-            generator = torch.Generator().manual_seed(stream.seed if stream.seed is not None
-                                                      else int(torch.randint(2**62, ())))
-            stream.choose = search.sampler(stream.temperature, stream.top_k, stream.top_p, generator)
+            stream.generator = torch.Generator().manual_seed(stream.seed if stream.seed is not None
+                                                             else int(torch.randint(2**62, ())))
             state = own if state is None else _concat(state, own)
             tokens = ids[:, -1] if tokens is None else torch.cat([tokens, ids[:, -1]])
             self.live.append(stream)
@@ -195,15 +196,17 @@ class StreamWorker(threading.Thread):
 
     def step(self, decoder, state, tokens):
         logits, after = decoder.step(tokens, {"hidden": state})
-        log_probs = search.log_probs(logits)
-        chosen = torch.cat([stream.choose(log_probs[i : i + 1]) for i, stream in enumerate(self.live)])
+        chosen = self.sample(search.log_probs(logits))
         pieces = [self.vocab.chars[t] for t in chosen.tolist()]
         self.steps += 1
         updates, keep = [], []
         for i, (stream, piece) in enumerate(zip(self.live, pieces)):
             stream.produced += 1
             done = stream.produced >= stream.max_chars
-            if not stream.abandoned:
+            if not stream.pieces:
+                stream.text.append(piece)
+                piece = "".join(stream.text) if done else None
+            if not stream.abandoned and piece is not None:
                 updates.append((stream, piece, done))
             if not (done or stream.abandoned):
                 keep.append(i)
@@ -217,6 +220,23 @@ class StreamWorker(threading.Thread):
                 return None, None
             return select_rows(hidden, index), chosen.index_select(0, index)
         return hidden, chosen
+
+
+    def sample(self, log_probs: torch.Tensor) -> torch.Tensor:
+        """Each stream's next token, drawn with its own generator as `search.sample` draws it;
+        streams that sample alike share one pass over their rows."""
+        groups: dict[tuple, list[int]] = {}
+        for i, stream in enumerate(self.live):
+            groups.setdefault((stream.temperature, stream.top_k, stream.top_p), []).append(i)
+        chosen = torch.empty(len(self.live), dtype=torch.long)
+        for (temperature, top_k, top_p), rows in groups.items():
+            if temperature <= 0:
+                chosen[rows] = search.sampler(0.0)(log_probs[rows])
+                continue
+            probs = search.sampling_probs(log_probs[rows], temperature, top_k, top_p)
+            for j, i in enumerate(rows):
+                chosen[i] = torch.multinomial(probs[j : j + 1], 1, generator=self.live[i].generator)[0, 0]
+        return chosen
 
 
 def _deliver_all(updates: list) -> None:
