@@ -24,7 +24,7 @@ def serve(folders: dict[str, Path], host: str, port: int, limits: Limits, api_ke
           ready_file: Path | None = None) -> None:
     """Serve `folders` ({kind: model folder}) until a signal has drained the server.
     `ready_file`: where the bound port is written once listening (useful with port 0)."""
-    # The event loop and the workers share the GIL; at Python's default 5 ms switch interval a
+    # The event loop and the workers share the GIL; at Python's default switch interval a
     # request's parsing or a response's write can wait a whole interval behind a decoding step.
     sys.setswitchinterval(SWITCH_INTERVAL_S)
     gate = Gate()
