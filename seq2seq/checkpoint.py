@@ -141,10 +141,6 @@ def kind_classes(kind: str) -> tuple[type, type]:
 def build(cfg: Config, tokenizer):
     model_class = kind_classes(cfg.kind)[0]
     if cfg.kind == "classifier":  # its output size is the number of labels, which the tokenizer holds
-        if cfg.model.members > 1:
-            from seq2seq.models.classifier import Ensemble
-
-            model_class = Ensemble
         return model_class(cfg.model, len(tokenizer), len(tokenizer.labels))
     return model_class(cfg.model, len(tokenizer))
 

@@ -122,9 +122,6 @@ class ClassifierModel:
     freeze_encoder: bool = False  # keep the embedding and the recurrent encoder as initialised (--init-from)
     forget_bias: float = 0.0
     chrono_horizon: int = 0
-    # > 1: an ensemble of this many such models, their probabilities averaged; made from trained
-    # runs by scripts/ensemble.py, never trained as one
-    members: int = 1
 
 
 @dataclass
@@ -251,7 +248,7 @@ RULES = {
     "model": {"cell": _one_of("lstm", "gru", "rnn"), "attention": _one_of("dot", "general", "additive"),
               "emb_dim": _at_least(1), "enc_hidden": _at_least(1), "enc_layers": _at_least(1), "dec_hidden": _at_least(1),
               "dec_layers": _at_least(1), "hidden": _at_least(1), "layers": _at_least(1),
-              "dropout": _between(0.0, 1.0, high_open=True), "pooling": _one_of("last", "mean", "max"), "members": _at_least(1),
+              "dropout": _between(0.0, 1.0, high_open=True), "pooling": _one_of("last", "mean", "max"),
               "chrono_horizon": lambda v: None if v == 0 or v >= 3 else "must be 0 (off) or at least 3"},
     "train": {"lr": _between(0.0, 10.0), "lr_schedule": _one_of("cosine", "plateau", "constant"),
               "warmup_steps": _at_least(0), "min_lr_ratio": _between(0.0, 1.0), "weight_decay": _at_least(0.0),

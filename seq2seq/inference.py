@@ -194,7 +194,7 @@ def class_probabilities(model, ids: list[list[int]], batch_size: int = BATCH_SEN
     """(N, classes) probabilities of a classifier for N non-empty token id lists, in their order;
     batches of similar lengths (sorted), so little is padded."""
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
-    probabilities = torch.empty(len(ids), model.classes)
+    probabilities = torch.empty(len(ids), model.out.out_features)
     device = device_of(model)
     with decoding(model, resolve_precision(precision, device, "classifier")) as twin:
         for start in tqdm(range(0, len(order), batch_size), disable=not progress, desc="classifying", unit="batch"):

@@ -1,8 +1,6 @@
 """Many-to-one: a recurrent encoder read into one vector by pooling over time, then a class."""
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
@@ -19,7 +17,7 @@ class Classifier(nn.Module):
 
     def __init__(self, cfg: ClassifierModel, vocab_size: int, classes: int):
         super().__init__()
-        self.cfg, self.classes = cfg, classes
+        self.cfg = cfg
         self.embed = nn.Embedding(vocab_size, cfg.emb_dim, padding_idx=PAD)
         self.encoder = make_rnn(cfg.cell, cfg.emb_dim, cfg.hidden, cfg.layers, cfg.dropout,
                                 bidirectional=cfg.bidirectional, forget_bias=cfg.forget_bias,
@@ -48,18 +46,3 @@ class Classifier(nn.Module):
 
     def forward(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         return self.out(self.dropout(self.features(ids, lengths)))
-
-
-class Ensemble(nn.Module):
-    """Classifiers of one configuration and tokenizer whose class probabilities are averaged. Its
-    output is the log of that average, so a softmax of it gives the average, as a softmax of a
-    `Classifier`'s logits gives its probabilities."""
-
-    def __init__(self, cfg: ClassifierModel, vocab_size: int, classes: int):
-        super().__init__()
-        self.cfg, self.classes = cfg, classes
-        self.members = nn.ModuleList(Classifier(cfg, vocab_size, classes) for _ in range(cfg.members))
-
-    def forward(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        log_probs = torch.stack([member(ids, lengths).float().log_softmax(-1) for member in self.members])
-        return (log_probs.logsumexp(0) - math.log(len(self.members)))

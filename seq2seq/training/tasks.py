@@ -264,9 +264,6 @@ class ClassifierTask(Stateless):
 
     def __init__(self, cfg: Config, data_dir: Path, tokenizer: LabelledTokenizer | None = None):
         d, self.cfg, self.data_dir = cfg.data, cfg, data_dir
-        if cfg.model.members > 1:
-            raise UserError("model.members: an ensemble is made from trained runs by scripts/ensemble.py, "
-                            "not trained as one")
         dev = load_labelled(d, data_dir, "dev")  # first: a wrong dev path fails in seconds
         train = [(label, normalize_text(text, d.normalize)) for label, text, _ in load_labelled(d, data_dir, "train")]
         train = [(label, text) for label, text in train if text]
