@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from seq2seq import checkpoint  # noqa: E402
 from seq2seq.errors import UserError  # noqa: E402
 
-TOKENIZER = ("spm.model", "vocab.json")
+TOKENIZER = ("spm.model", "vocab.json", "labels.json")  # labels.json: a classifier's
 
 
 def average(paths: list[Path], output: Path) -> None:
