@@ -25,8 +25,8 @@ class WeightAverage:
             return
         self.updates += 1
         decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        with torch.no_grad():
-            torch._foreach_lerp_(self.average, [p.detach() for p in self.params], 1 - decay)
+        with torch.no_grad():  # the parameters are only read: no per-step list of detached views
+            torch._foreach_lerp_(self.average, self.params, 1 - decay)
 
     @contextmanager
     def swapped_in(self):
