@@ -70,9 +70,17 @@ def load_weights(model: torch.nn.Module, path: Path) -> None:
             own[name].copy_(saved[name])
 
 
+def takes_encoder_only(cfg: Config, init: Config) -> bool:
+    """Whether a run of `cfg` started from a model of `init` takes only its embedding and encoder:
+    a classifier from a translator, or from a pretrained encoder (model.head lm), or the reverse."""
+    return cfg.kind == "classifier" and (init.kind == "translator"
+                                         or init.kind == cfg.kind and init.model.head != cfg.model.head)
+
+
 def load_encoder(model: torch.nn.Module, path: Path) -> None:
-    """A translator's embedding and encoder (`embed.*`, `encoder.*`) into a model with parts of
-    the same names and shapes (a classifier); the rest of the model keeps its initialisation."""
+    """A translator's or a pretrained encoder's embedding and encoder (`embed.*`, `encoder.*`)
+    into a model with parts of the same names and shapes (a classifier); the rest of the model
+    keeps its initialisation."""
     if not path.is_file():
         raise UserError(f"{path}: not found")
     try:
@@ -141,6 +149,10 @@ def kind_classes(kind: str) -> tuple[type, type]:
 def build(cfg: Config, tokenizer):
     model_class = kind_classes(cfg.kind)[0]
     if cfg.kind == "classifier":  # its output size is the number of labels, which the tokenizer holds
+        if cfg.model.head == "lm":
+            from seq2seq.models.classifier import EncoderLM
+
+            return EncoderLM(cfg.model, len(tokenizer))
         return model_class(cfg.model, len(tokenizer), len(tokenizer.labels))
     return model_class(cfg.model, len(tokenizer))
 
@@ -151,6 +163,9 @@ def load(folder: str | Path, weights: str = BEST, device: str = "cpu"):
     if not folder.is_dir():
         raise UserError(f"{folder}: model folder not found")
     cfg = Config.load(folder / "config.json")
+    if cfg.kind == "classifier" and cfg.model.head == "lm":
+        raise UserError(f"{folder}: a pretrained encoder (model.head = \"lm\"), not a classifier: "
+                        f"train one from it with `seq2seq train classifier --init-from {folder}`")
     tokenizer = kind_classes(cfg.kind)[1].load(folder)
     model = build(cfg, tokenizer).to(resolve_device(device))
     load_weights(model, folder / weights)

@@ -90,7 +90,8 @@ def add_train_parser(sub) -> None:
     p.add_argument("--init-from", "--init-encoder-from", type=Path, metavar="MODEL",
                    help="start from this model folder's weights and tokenizer (fine-tuning; its model.* settings "
                         "replace the preset's), with a fresh optimizer and schedule; a classifier may start from a "
-                        "translator: its tokenizer, embedding and encoder (model.freeze_encoder=true keeps them)")
+                        "translator or a pretrained encoder (model.head = lm): its tokenizer, embedding and encoder "
+                        "(model.freeze_encoder=true keeps them)")
     add_device_arg(p)
     p.add_argument("--skip-bad-lines", action="store_true",
                    help="translator: skip TSV lines that are not source<TAB>target (counted in the log) instead of stopping")
@@ -238,7 +239,10 @@ def cmd_train(args) -> None:
 
 def init_model_settings(args, cfg: Config):
     """The model settings of the --init-from folder, which the new run must build to load its
-    weights; a classifier from a translator takes the shape of its embedding and encoder."""
+    weights; a classifier from a translator or a pretrained encoder takes the shape of its
+    embedding and encoder, and keeps the preset's other settings."""
+    from seq2seq.checkpoint import takes_encoder_only
+
     if args.resume:
         raise UserError("--init-from starts a new run from a model; --resume continues a run: give one of them")
     if not (args.init_from / "config.json").is_file():
@@ -246,13 +250,16 @@ def init_model_settings(args, cfg: Config):
     init = Config.load(args.init_from / "config.json")
     overridden = {item.strip().split("=", 1)[0].removeprefix("model.") for item in args.set
                   if item.strip().startswith("model.")}
-    if cfg.kind == "classifier" and init.kind == "translator":
+    if takes_encoder_only(cfg, init):
         shaped = sorted(overridden & {"cell", "emb_dim", "hidden", "layers", "bidirectional"})
         if shaped:
             raise UserError(f"--init-from {args.init_from} sets the encoder's shape: drop --set model.{shaped[0]}")
         m = init.model
-        return dataclasses.replace(cfg.model, cell=m.cell, emb_dim=m.emb_dim, hidden=m.enc_hidden, layers=m.enc_layers,
-                                   bidirectional=True)
+        if init.kind == "translator":
+            return dataclasses.replace(cfg.model, cell=m.cell, emb_dim=m.emb_dim, hidden=m.enc_hidden,
+                                       layers=m.enc_layers, bidirectional=True)
+        return dataclasses.replace(cfg.model, cell=m.cell, emb_dim=m.emb_dim, hidden=m.hidden, layers=m.layers,
+                                   bidirectional=m.bidirectional)
     if overridden:
         raise UserError("--init-from builds the model of that folder: drop the --set model.* overrides")
     if init.kind != cfg.kind:

@@ -108,6 +108,9 @@ class ClassifierData:
     max_tokens: int = 128  # longer inputs keep their first max_tokens subwords
     vocab_size: int = 8000
     spm_model_type: str = "unigram"
+    # model.head = "lm" only: more text to learn from besides the training split's, comma-separated
+    # files of one sentence a line (a .tsv file: its first column), read relative to the data folder
+    unlabelled: str = ""
 
 
 @dataclass
@@ -122,6 +125,9 @@ class ClassifierModel:
     freeze_encoder: bool = False  # keep the embedding and the recurrent encoder as initialised (--init-from)
     forget_bias: float = 0.0
     chrono_horizon: int = 0
+    # classes: pooling -> dropout -> linear, the classifier | lm: the embedding and encoder trained
+    # as a language model (models.classifier.EncoderLM), for a classifier's --init-from
+    head: str = "classes"
 
 
 @dataclass
@@ -198,9 +204,19 @@ class Config:
         if m.chrono_horizon and m.forget_bias:
             raise UserError(f"{source} [model] chrono_horizon: the chrono initialisation sets the forget bias itself; "
                             f"leave forget_bias at 0 (got {m.forget_bias})")
+        if self.kind == "classifier":
+            self._validate_head(source)
         if self.kind == "translator" and m.attention == "dot" and m.dec_hidden != 2 * m.enc_hidden:
             raise UserError(f"{source} [model] attention: dot attention needs dec_hidden ({m.dec_hidden}) == "
                             f"2 * enc_hidden ({2 * m.enc_hidden})")
+
+    def _validate_head(self, source: str) -> None:
+        m = self.model
+        if m.head == "lm" and m.bidirectional and m.layers > 1:
+            raise UserError(f"{source} [model] head: a bidirectional language model has one layer (a second would "
+                            f"read the word it predicts from the backward direction), got layers = {m.layers}")
+        if m.head != "lm" and self.data.unlabelled:
+            raise UserError(f"{source} [data] unlabelled: read only when pretraining (model.head = \"lm\")")
 
     def save(self, path: Path) -> None:
         write_text_atomic(path, json.dumps(self.to_dict(), indent=2) + "\n")
@@ -249,6 +265,7 @@ RULES = {
               "emb_dim": _at_least(1), "enc_hidden": _at_least(1), "enc_layers": _at_least(1), "dec_hidden": _at_least(1),
               "dec_layers": _at_least(1), "hidden": _at_least(1), "layers": _at_least(1),
               "dropout": _between(0.0, 1.0, high_open=True), "pooling": _one_of("last", "mean", "max"),
+              "head": _one_of("classes", "lm"),
               "chrono_horizon": lambda v: None if v == 0 or v >= 3 else "must be 0 (off) or at least 3"},
     "train": {"lr": _between(0.0, 10.0), "lr_schedule": _one_of("cosine", "plateau", "constant"),
               "warmup_steps": _at_least(0), "min_lr_ratio": _between(0.0, 1.0), "weight_decay": _at_least(0.0),

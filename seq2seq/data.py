@@ -360,6 +360,17 @@ def iter_labelled_hf(cfg, split: str, data_dir: Path) -> Iterator[tuple[str, str
             yield str(value).strip(), "" if sentence is None else str(sentence), number
 
 
+def read_sentences(data_dir: Path, names: str) -> list[str]:
+    """data.unlabelled: the lines of comma-separated files, a .tsv file's first column, each
+    sentence once in the order first seen (Tatoeba repeats an English side per translation)."""
+    lines = []
+    for name in filter(None, (n.strip() for n in names.split(","))):
+        path = corpus_file(data_dir, name)
+        tsv = path.suffix == ".tsv"
+        lines += [line.split("\t", 1)[0] if tsv else line for line in iter_lines(path)]
+    return list(dict.fromkeys(line for line in lines if line.strip()))
+
+
 def load_labelled(cfg, data_dir: Path, split: str) -> list[tuple[str, str, int]]:
     """The labelled examples of split 'train', 'dev' or 'test' as the data config describes them."""
     name = getattr(cfg, split)

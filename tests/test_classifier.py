@@ -211,3 +211,99 @@ def test_resume_and_fine_tuning_keep_the_labels(tiny_classifier_folder, tmp_path
                      "--init-from", copy, "--set", "train.max_epochs=1", "--output", tmp_path / "tuned")
     assert result.returncode == 0, result.stderr
     assert json.loads((tmp_path / "tuned" / "labels.json").read_text())["labels"] == ["0", "1"]
+
+
+# ----- the encoder pretrained as a language model (model.head = "lm") --------------------------------
+
+def reference_lm_nats(model, seq: list[int]) -> float:
+    """One sentence's summed negative log-likelihood, from two one-direction LSTMs that hold the
+    encoder's weights: the forward reads left to right and predicts each next piece, the backward
+    reads the reversed sentence and predicts each piece before."""
+    enc, h = model.encoder, model.cfg.hidden
+    total, x = 0.0, model.embed(torch.tensor([seq]))
+    for suffix, inputs, targets in (("", x[:, :-1], seq[1:]), ("_reverse", x.flip(1)[:, :-1], seq[::-1][1:])):
+        one_way = torch.nn.LSTM(model.cfg.emb_dim, h, batch_first=True)
+        for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+            getattr(one_way, f"{name}_l0").data.copy_(getattr(enc, f"{name}_l0{suffix}"))
+        states, _ = one_way(inputs)
+        log_probs = model.lm.log_prob(states[0])
+        total -= float(log_probs[torch.arange(len(targets)), torch.tensor(targets)].sum())
+    return total
+
+
+def test_the_language_models_loss_equals_two_one_way_lstms_sentence_by_sentence():
+    from seq2seq.models.classifier import EncoderLM
+
+    torch.manual_seed(0)
+    model = EncoderLM(ClassifierModel(emb_dim=6, hidden=5, head="lm"), vocab_size=40).eval()
+    seqs = [[5, 9, 3, 17, 22, 8], [30, 2], [7, 7, 12, 39]]  # padded to 6: padding must change nothing
+    batch = torch.zeros(3, 6, dtype=torch.long)
+    for row, seq in enumerate(seqs):
+        batch[row, : len(seq)] = torch.tensor(seq)
+    with torch.no_grad():
+        loss, count = model(batch, torch.tensor([len(s) for s in seqs]))
+        expected = sum(reference_lm_nats(model, seq) for seq in seqs)
+    assert int(count) == 2 * sum(len(s) - 1 for s in seqs)  # both directions, every piece but the end one
+    assert float(loss) == pytest.approx(expected, rel=1e-5)
+
+
+def test_no_state_that_predicts_a_piece_has_read_it():
+    from seq2seq.models.classifier import EncoderLM
+
+    torch.manual_seed(1)
+    model = EncoderLM(ClassifierModel(emb_dim=6, hidden=5, head="lm"), vocab_size=40).eval()
+    ids = [4, 11, 19, 25, 33]
+    with torch.no_grad():
+        states = model.encoder(model.embed(torch.tensor([ids])))[0][0]
+        for k in range(len(ids)):  # piece k is predicted by the forward state at k - 1, the backward at k + 1
+            changed = model.encoder(model.embed(torch.tensor([ids[:k] + [39] + ids[k + 1 :]])))[0][0]
+            if k > 0:
+                assert torch.equal(states[k - 1, :5], changed[k - 1, :5]), k
+            if k < len(ids) - 1:
+                assert torch.equal(states[k + 1, 5:], changed[k + 1, 5:]), k
+            assert not torch.equal(states[k], changed[k])  # the change does reach the states that read it
+
+
+@pytest.mark.parametrize("settings, message", [
+    (["model.head=lm", "model.layers=2"], "a bidirectional language model has one layer"),
+    (["data.unlabelled=sample/reviews.txt"], "read only when pretraining"),
+])
+def test_language_model_settings_that_cannot_work_are_refused(settings, message):
+    with pytest.raises(UserError, match=message):
+        load_preset("tiny-classifier", "classifier", settings)
+
+
+def test_unlabelled_text_reads_a_tsvs_first_column_once_per_sentence(tmp_path):
+    from seq2seq.data import read_sentences
+
+    (tmp_path / "pairs.tsv").write_text("Go.\tVa !\nGo.\tMarche.\n\nHi.\tSalut.\n", encoding="utf-8")
+    (tmp_path / "plain.en").write_text("A dog runs.\tnot a column\nHi.\n", encoding="utf-8")
+    assert read_sentences(tmp_path, "pairs.tsv, plain.en") == ["Go.", "Hi.", "A dog runs.\tnot a column"]
+    with pytest.raises(UserError, match="missing.txt: file not found"):
+        read_sentences(tmp_path, "missing.txt")
+
+
+def test_a_classifier_starts_from_a_pretrained_encoder(tmp_path):
+    pretrain = run_cli("train", "classifier", "--preset", "tiny-classifier", "--data-dir", SAMPLE_DIR,
+                       "--set", "model.head=lm", "--set", "data.unlabelled=sample/reviews-dev.tsv,sample/reviews.txt",
+                       "--set", "train.max_epochs=4", "--output", tmp_path / "lm")
+    assert pretrain.returncode == 0, pretrain.stderr
+    assert "from data.unlabelled" in pretrain.stderr
+    curve = [json.loads(line) for line in (tmp_path / "lm" / "metrics.jsonl").read_text().splitlines()]
+    dev_loss = [r["dev_loss"] for r in curve if r["type"] == "eval"]
+    assert len(dev_loss) == 4 and dev_loss[-1] < dev_loss[0]  # the language model learns
+    assert_one_line_error(run_cli("classify", "-m", tmp_path / "lm", "Great."), "a pretrained encoder",
+                          "--init-from")
+    lm = load_file_weights(tmp_path / "lm")
+    result = run_cli("train", "classifier", "--preset", "tiny-classifier", "--data-dir", SAMPLE_DIR,
+                     "--init-from", tmp_path / "lm", "--set", "model.freeze_encoder=true",
+                     "--set", "train.max_epochs=3", "--output", tmp_path / "run")
+    assert result.returncode == 0, result.stderr
+    assert "embedding and encoder from the pretrained encoder" in result.stderr
+    cfg, model, tokenizer = checkpoint.load(tmp_path / "run")
+    assert cfg.model.head == "classes" and cfg.model.dropout == 0.0  # the preset's, not the pretraining's
+    assert (tmp_path / "run" / "spm.model").read_bytes() == (tmp_path / "lm" / "spm.model").read_bytes()
+    weights = model.state_dict()
+    for name in [n for n in weights if n.startswith(("embed.", "encoder."))]:
+        assert torch.equal(weights[name], lm[name]), name  # frozen: still the pretrained encoder's
+    assert not any(name.startswith("lm.") for name in weights)

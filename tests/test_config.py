@@ -8,7 +8,7 @@ from seq2seq.errors import UserError
 def test_every_shipped_preset_is_valid():
     for name in preset_names():
         kind = ("charlm" if name in ("tiny-charlm", "tinyshakespeare") else
-                "classifier" if name in ("tiny-classifier", "sst2") else "translator")
+                "classifier" if name in ("tiny-classifier", "sst2", "sst2-lm") else "translator")
         assert load_preset(name, kind).kind == kind
 
 

@@ -19,7 +19,7 @@ from seq2seq.errors import UserError
 from seq2seq.fast import configure_process
 from seq2seq.training.run_folder import RunFolder
 from seq2seq.training.schedule import learning_rate
-from seq2seq.training.tasks import TASKS
+from seq2seq.training.tasks import task_class
 from seq2seq.training.trainer import Progress, Trainer
 
 log = logging.getLogger("seq2seq")
@@ -111,7 +111,7 @@ def build_task(cfg: Config, data_dir: Path, cluster: Cluster, folder: RunFolder,
     if not cluster.main:  # rank 0 first: it builds the token cache and the tokenizer, which the others read
         cluster.barrier()
         tokenizer = tokenizer or kind_tokenizer.load(folder.path)
-    task = TASKS[cfg.kind](cfg, data_dir, tokenizer)
+    task = task_class(cfg)(cfg, data_dir, tokenizer)
     if cluster.main:
         if not resume and folder.path is not None:
             task.tokenizer.save(folder.path)
@@ -119,9 +119,11 @@ def build_task(cfg: Config, data_dir: Path, cluster: Cluster, folder: RunFolder,
     task.to(cluster.device)
     task.shard(cluster.rank, cluster.world)
     if init_from is not None and not resume:  # before the optimizer and the first saved state
-        if cfg.kind == "classifier" and Config.load(init_from / "config.json").kind == "translator":
+        init = Config.load(init_from / "config.json")
+        if checkpoint.takes_encoder_only(cfg, init):
             checkpoint.load_encoder(task.model, init_from / checkpoint.BEST)
-            log.info("tokenizer, embedding and encoder from the translator %s%s", init_from,
+            log.info("tokenizer, embedding and encoder from the %s %s%s", init.kind if init.kind == "translator"
+                     else "pretrained encoder" if init.model.head == "lm" else "classifier", init_from,
                      " (frozen)" if cfg.model.freeze_encoder else "")
         else:
             checkpoint.load_weights(task.model, init_from / checkpoint.BEST)

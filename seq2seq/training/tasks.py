@@ -22,7 +22,7 @@ from seq2seq import checkpoint, inference
 from seq2seq.config import Config
 from seq2seq.corpus import TokenizedCorpus
 from seq2seq.data import (char_streams, corpus_file, corpus_files, load_labelled, load_pairs, non_empty, normalize_text, pad,
-                          read_text, token_batches, within_length)
+                          read_sentences, read_text, token_batches, within_length)
 from seq2seq.device import Precision, autocast
 from seq2seq.errors import UserError
 from seq2seq.loss import smoothed_cross_entropy
@@ -350,6 +350,59 @@ class ClassifierTask(Stateless):
                                   f"data.test {d.test}", [n for *_, n in test])
         scores = self.scores(ids, labels)
         return {"test_accuracy": scores["accuracy"], "test_macro_f1": scores["macro_f1"], "test_examples": len(ids)}
+
+
+class EncoderLMTask(ClassifierTask):
+    """A classifier's embedding and encoder pretrained as a language model (`model.head = "lm"`)
+    on the training split's text and data.unlabelled, scored by the dev text's perplexity. The
+    tokenizer and the label set are the classifier's, so that a classifier can start from it."""
+
+    def __init__(self, cfg: Config, data_dir: Path, tokenizer: LabelledTokenizer | None = None):
+        super().__init__(cfg, data_dir, tokenizer)
+        d = cfg.data
+        extra = [normalize_text(text, d.normalize) for text in read_sentences(data_dir, d.unlabelled)]
+        self.train_ids = [ids for ids in self.train_ids + self.tokenizer.encode(extra) if len(ids) > 1]
+        self.train_ids = [ids[: d.max_tokens] for ids in self.train_ids]
+        self.dev_ids = [ids for ids in self.dev_ids if len(ids) > 1]  # a one-piece text predicts nothing
+        self.lengths = np.array([len(ids) for ids in self.train_ids])
+        self.probe = np.random.default_rng(cfg.train.seed).permutation(len(self.train_ids))[:2000]
+        log.info("language model: %d sentences (%d from data.unlabelled), %d pieces", len(self.train_ids), len(extra),
+                 int(self.lengths.sum()))
+
+    def loss(self, rows: np.ndarray) -> tuple[torch.Tensor, int]:
+        return self.rows_loss([self.train_ids[i] for i in rows])
+
+    def rows_loss(self, ids: list[list[int]]) -> tuple[torch.Tensor, int]:
+        batch, lengths = pad(ids, PAD)
+        net = self.forward if self.model.training else self.model
+        with autocast(self.cfg.train.bf16, self.device):
+            loss, count = net(batch.to(self.device), lengths)
+        return loss.float(), int(count)
+
+    @torch.no_grad()
+    def nats_per_piece(self, ids: list[list[int]]) -> float:
+        self.model.eval()
+        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+        total = count = 0
+        for start in range(0, len(order), 256):
+            loss, n = self.rows_loss([ids[i] for i in order[start : start + 256]])
+            total, count = total + float(loss), count + n
+        self.model.train()
+        return round(total / max(count, 1), 4)
+
+    def validate(self) -> dict:
+        dev = self.nats_per_piece(self.dev_ids)
+        train = self.nats_per_piece([self.train_ids[i] for i in self.probe])
+        return {"dev_loss": dev, "dev_perplexity": round(math.exp(dev), 2), "train_loss": train, "score": -dev}
+
+    def test(self) -> dict:
+        return {}
+
+
+def task_class(cfg: Config) -> type:
+    if cfg.kind == "classifier" and cfg.model.head == "lm":
+        return EncoderLMTask
+    return TASKS[cfg.kind]
 
 
 def label_order(labels: set[str]) -> list[str]:
