@@ -1,5 +1,5 @@
-"""The models shipped in checkpoints/: they load without pickle, translate and generate right
-after install, and keep the scores their model cards state (floors a few points under them)."""
+"""The models shipped in checkpoints/: they load without pickle, translate, generate and classify
+right after install, and keep the scores their model cards state (floors a few points under them)."""
 import json
 import math
 
@@ -7,20 +7,23 @@ import pytest
 import torch
 
 from seq2seq import checkpoint
-from seq2seq.inference import generate, score_text, translate
+from seq2seq.inference import classify, generate, score_text, translate
 from seq2seq.metrics import bleu_chrf
 from seq2seq.device import Precision, int8_available
 from conftest import ROOT, assert_one_line_error, run_cli, shared_corpus
 
-TRANSLATOR, CHARLM = ROOT / "checkpoints" / "en-fr", ROOT / "checkpoints" / "shakespeare"
+TRANSLATOR, CHARLM, CLASSIFIER = (ROOT / "checkpoints" / name for name in ("en-fr", "shakespeare", "sst2"))
 EVERYDAY = ROOT / "data" / "sample" / "everyday"
 # measured beam-5 BLEU on the everyday sample is in checkpoints/en-fr/README.md; the floor sits under it
 EVERYDAY_BLEU_FLOOR = 72.0  # measured 77.33 (beam 5, int8 decoding, the default here; bf16 77.33, fp32 76.78)
 # held-out Tiny Shakespeare (last 10%), first 20,000 characters: measured in checkpoints/shakespeare/README.md
 SHAKESPEARE_NATS_CEILING = 1.36  # measured 1.334 on this slice (1.4369 on the whole split)
+# SST-2 dev: measured 0.8521 in checkpoints/sst2/README.md (743 of 872); other CPUs' rounding may move a sentence
+SST2_DEV_ACCURACY_FLOOR = 0.845
+KINDS = {TRANSLATOR: "translator", CHARLM: "charlm", CLASSIFIER: "classifier"}
 
 
-@pytest.mark.parametrize("folder", [TRANSLATOR, CHARLM])
+@pytest.mark.parametrize("folder", list(KINDS))
 def test_released_folder_is_small_and_holds_no_pickle(folder, monkeypatch):
     names = {p.name for p in folder.iterdir()}
     assert {"config.json", "model.safetensors", "metrics.json", "README.md"} <= names
@@ -32,7 +35,7 @@ def test_released_folder_is_small_and_holds_no_pickle(folder, monkeypatch):
 
     monkeypatch.setattr(torch, "load", no_pickle)
     cfg, model, _ = checkpoint.load(folder)
-    assert not model.training and cfg.kind == ("translator" if folder == TRANSLATOR else "charlm")
+    assert not model.training and cfg.kind == KINDS[folder]
 
 
 def test_released_translator_translates_the_everyday_sample():
@@ -104,3 +107,19 @@ def test_released_character_model_repeats_a_seeded_sample_that_reads_like_a_play
     assert len(lines) >= 4
     # a speaker's name in capitals with a colon opens some line
     assert any(line.endswith(":") and line[:-1].replace(" ", "").isupper() for line in lines)
+
+
+def test_released_classifier_labels_the_seed_review_and_its_negation():
+    _, model, tokenizer = checkpoint.load(CLASSIFIER)
+    (good, p_good), (bad, p_bad) = classify(model, tokenizer, [
+        "This movie was absolutely fantastic! The acting was brilliant and the plot was thrilling.",
+        "This movie was not fantastic at all. The acting was dull and the plot was boring."])
+    assert (good, bad) == ("positive", "negative") and min(p_good, p_bad) > 0.9
+
+
+def test_released_classifier_keeps_its_sst2_dev_accuracy():
+    dev = shared_corpus("sst2") / "dev.tsv"
+    result = run_cli("evaluate", "-m", CLASSIFIER, "--tsv", dev, "--json", "--precision", "fp32")
+    assert result.returncode == 0, result.stderr
+    scores = json.loads(result.stdout)
+    assert scores["accuracy"] >= SST2_DEV_ACCURACY_FLOOR and sum(map(sum, scores["confusion"])) == 872
