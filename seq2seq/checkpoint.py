@@ -165,7 +165,7 @@ def load(folder: str | Path, weights: str = BEST, device: str = "cpu"):
     cfg = Config.load(folder / "config.json")
     if cfg.kind == "classifier" and cfg.model.head == "lm":
         raise UserError(f"{folder}: a pretrained encoder (model.head = \"lm\"), not a classifier: "
-                        f"train one from it with `seq2seq train classifier --init-from {folder}`")
+                        f"train one from it with `seq2seq train classifier --preset PRESET --init-from {folder}`")
     tokenizer = kind_classes(cfg.kind)[1].load(folder)
     model = build(cfg, tokenizer).to(resolve_device(device))
     load_weights(model, folder / weights)

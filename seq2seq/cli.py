@@ -229,6 +229,7 @@ def cmd_train(args) -> None:
         raise UserError(f"{args.output} holds a {cfg.kind} model, not a {args.kind}")
     if args.init_from:
         cfg.model = init_model_settings(args, cfg)
+        cfg.validate(f"--init-from {args.init_from}")  # the shape it brings must suit this run's model too
     output = args.output or Path("checkpoints") / cfg.preset
     data_dir = args.data_dir or (None if args.resume else default_data_dir())
     best = train(cfg, data_dir, output, time_budget=args.time_budget, resume=args.resume, device=args.device,

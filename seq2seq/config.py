@@ -109,7 +109,7 @@ class ClassifierData:
     vocab_size: int = 8000
     spm_model_type: str = "unigram"
     # model.head = "lm" only: more text to learn from besides the training split's, comma-separated
-    # files of one sentence a line (a .tsv file: its first column), read relative to the data folder
+    # files of one sentence a line (a .tsv file: its first column; a header line is read as text)
     unlabelled: str = ""
 
 
@@ -389,7 +389,7 @@ def default_data_dir() -> Path:
     return Path(os.environ.get("SEQ2SEQ_DATA", "data"))
 
 
-USER_PATH_KEYS = ("data.train", "data.dev", "data.test", "data.text", "data.hf_data_files")
+USER_PATH_KEYS = ("data.train", "data.dev", "data.test", "data.text", "data.hf_data_files", "data.unlabelled")
 
 
 def anchor_user_paths(cfg: Config, overrides: list[str], cwd: Path | None = None) -> None:
@@ -407,5 +407,7 @@ def anchor_user_paths(cfg: Config, overrides: list[str], cwd: Path | None = None
             for corpus in value:
                 if corpus.get("format", getattr(cfg.data, "format", "")) != "hf":
                     corpus["path"] = str(cwd / corpus["path"])
+        elif leaf == "unlabelled":
+            setattr(cfg.data, leaf, ",".join(str(cwd / name.strip()) for name in value.split(",") if name.strip()))
         elif value and (leaf in ("text", "hf_data_files") or cfg.data.format != "hf"):
             setattr(cfg.data, leaf, str(cwd / value))

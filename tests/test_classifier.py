@@ -247,21 +247,14 @@ def test_the_language_models_loss_equals_two_one_way_lstms_sentence_by_sentence(
     assert float(loss) == pytest.approx(expected, rel=1e-5)
 
 
-def test_no_state_that_predicts_a_piece_has_read_it():
+def test_every_parameter_gets_a_gradient_when_no_target_falls_in_a_softmax_tail():
+    """Several processes (DistributedDataParallel) expect a gradient for every parameter at every step."""
     from seq2seq.models.classifier import EncoderLM
 
-    torch.manual_seed(1)
-    model = EncoderLM(ClassifierModel(emb_dim=6, hidden=5, head="lm"), vocab_size=40).eval()
-    ids = [4, 11, 19, 25, 33]
-    with torch.no_grad():
-        states = model.encoder(model.embed(torch.tensor([ids])))[0][0]
-        for k in range(len(ids)):  # piece k is predicted by the forward state at k - 1, the backward at k + 1
-            changed = model.encoder(model.embed(torch.tensor([ids[:k] + [39] + ids[k + 1 :]])))[0][0]
-            if k > 0:
-                assert torch.equal(states[k - 1, :5], changed[k - 1, :5]), k
-            if k < len(ids) - 1:
-                assert torch.equal(states[k + 1, 5:], changed[k + 1, 5:]), k
-            assert not torch.equal(states[k], changed[k])  # the change does reach the states that read it
+    model = EncoderLM(ClassifierModel(emb_dim=16, hidden=16, head="lm"), vocab_size=80)  # head: pieces 0-9
+    loss, _ = model(torch.tensor([[4, 5, 6, 7]]), torch.tensor([4]))
+    loss.backward()
+    assert [name for name, p in model.named_parameters() if p.grad is None] == []
 
 
 @pytest.mark.parametrize("settings, message", [
@@ -284,26 +277,40 @@ def test_unlabelled_text_reads_a_tsvs_first_column_once_per_sentence(tmp_path):
 
 
 def test_a_classifier_starts_from_a_pretrained_encoder(tmp_path):
+    (tmp_path / "pairs.tsv").write_text("A quiet, moving film.\tUn film calme.\nDull and slow.\tLent.\n"
+                                        "Dull and slow.\tTrop lent.\n", encoding="utf-8")  # one English side twice
+    (tmp_path / "more.txt").write_text("The plot was thrilling.\nI liked the actors.\n", encoding="utf-8")
     pretrain = run_cli("train", "classifier", "--preset", "tiny-classifier", "--data-dir", SAMPLE_DIR,
-                       "--set", "model.head=lm", "--set", "data.unlabelled=sample/reviews-dev.tsv,sample/reviews.txt",
-                       "--set", "train.max_epochs=4", "--output", tmp_path / "lm")
+                       "--set", "model.head=lm", "--set", "data.unlabelled=pairs.tsv,more.txt",  # read from the cwd
+                       "--set", "train.max_epochs=4", "--output", tmp_path / "lm", cwd=tmp_path)
     assert pretrain.returncode == 0, pretrain.stderr
-    assert "from data.unlabelled" in pretrain.stderr
+    assert "(4 from data.unlabelled)" in pretrain.stderr
     curve = [json.loads(line) for line in (tmp_path / "lm" / "metrics.jsonl").read_text().splitlines()]
     dev_loss = [r["dev_loss"] for r in curve if r["type"] == "eval"]
     assert len(dev_loss) == 4 and dev_loss[-1] < dev_loss[0]  # the language model learns
     assert_one_line_error(run_cli("classify", "-m", tmp_path / "lm", "Great."), "a pretrained encoder",
-                          "--init-from")
+                          "--preset PRESET --init-from")
     lm = load_file_weights(tmp_path / "lm")
     result = run_cli("train", "classifier", "--preset", "tiny-classifier", "--data-dir", SAMPLE_DIR,
                      "--init-from", tmp_path / "lm", "--set", "model.freeze_encoder=true",
                      "--set", "train.max_epochs=3", "--output", tmp_path / "run")
     assert result.returncode == 0, result.stderr
     assert "embedding and encoder from the pretrained encoder" in result.stderr
-    cfg, model, tokenizer = checkpoint.load(tmp_path / "run")
+    cfg, model, _ = checkpoint.load(tmp_path / "run")
     assert cfg.model.head == "classes" and cfg.model.dropout == 0.0  # the preset's, not the pretraining's
     assert (tmp_path / "run" / "spm.model").read_bytes() == (tmp_path / "lm" / "spm.model").read_bytes()
     weights = model.state_dict()
     for name in [n for n in weights if n.startswith(("embed.", "encoder."))]:
         assert torch.equal(weights[name], lm[name]), name  # frozen: still the pretrained encoder's
     assert not any(name.startswith("lm.") for name in weights)
+
+
+def test_a_language_model_cannot_take_a_two_layer_encoder(tiny_translator_folder, tmp_path):
+    two_layers = tmp_path / "two-layers"
+    shutil.copytree(tiny_translator_folder, two_layers)
+    config = json.loads((two_layers / "config.json").read_text())
+    config["model"]["enc_layers"] = 2
+    (two_layers / "config.json").write_text(json.dumps(config))
+    result = run_cli("train", "classifier", "--preset", "tiny-classifier", "--data-dir", SAMPLE_DIR,
+                     "--set", "model.head=lm", "--init-from", two_layers, "--output", tmp_path / "run")
+    assert_one_line_error(result, f"--init-from {two_layers} [model] head", "has one layer")

@@ -102,3 +102,11 @@ def test_batches_are_split_evenly_and_deterministically():
         assert batches() == shards[-1]  # deterministic per (seed, epoch, rank)
     assert len(shards[0]) == len(shards[1]) == len(whole) // 2
     assert shards[0] == whole[0::2][: len(whole) // 2] and shards[1] == whole[1::2][: len(whole) // 2]
+
+
+def test_a_language_model_trains_under_torchrun(tmp_path):
+    result = torchrun("train", "classifier", "--preset", "tiny-classifier", "--data-dir", SAMPLE_DIR,
+                      "--set", "model.head=lm", "--set", "train.batch_tokens=40", "--set", "train.max_epochs=2",
+                      "--device", "cpu", "--output", tmp_path / "ddp")
+    assert result.returncode == 0, result.stderr
+    assert json.loads((tmp_path / "ddp" / "metrics.json").read_text())["best"]["dev_ppl"] > 1

@@ -62,7 +62,7 @@ class EncoderLM(nn.Module):
     frequent eighth of the pieces at full width, the rest in two narrower clusters, since a full
     softmax over the vocabulary costs several times the recurrent layer."""
 
-    def __init__(self, cfg: ClassifierModel, vocab_size: int, classes: int = 0):
+    def __init__(self, cfg: ClassifierModel, vocab_size: int):
         super().__init__()
         self.cfg = cfg
         self.embed, self.encoder = embedding_and_encoder(cfg, vocab_size)
@@ -86,4 +86,8 @@ class EncoderLM(nn.Module):
             states.append(outputs[:, 1:, h:][has_next])
             targets.append(ids[:, :-1][has_next])
         states, targets = torch.cat(states).float(), torch.cat(targets)
-        return self.lm(states, targets).loss * len(targets), torch.tensor(len(targets))
+        loss = self.lm(states, targets).loss * len(targets)
+        # a tail cluster no target of the batch falls in gets no gradient, and several processes
+        # (DistributedDataParallel) expect one for every parameter: a zero one keeps them in step
+        loss = loss + 0.0 * sum(p.sum() for p in self.lm.tail.parameters())
+        return loss, torch.tensor(len(targets))

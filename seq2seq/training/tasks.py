@@ -361,18 +361,20 @@ class EncoderLMTask(ClassifierTask):
         super().__init__(cfg, data_dir, tokenizer)
         d = cfg.data
         extra = [normalize_text(text, d.normalize) for text in read_sentences(data_dir, d.unlabelled)]
-        self.train_ids = [ids for ids in self.train_ids + self.tokenizer.encode(extra) if len(ids) > 1]
-        self.train_ids = [ids[: d.max_tokens] for ids in self.train_ids]
-        self.dev_ids = [ids for ids in self.dev_ids if len(ids) > 1]  # a one-piece text predicts nothing
+        extra = [ids[: d.max_tokens] for ids in self.tokenizer.encode(extra) if len(ids) > 1]
+        self.train_ids = [ids for ids in self.train_ids if len(ids) > 1] + extra  # a one-piece text predicts nothing
+        self.train_y = None  # no labels: what is learnt is the text
+        self.dev_ids = [ids for ids in self.dev_ids if len(ids) > 1]
         self.lengths = np.array([len(ids) for ids in self.train_ids])
         self.probe = np.random.default_rng(cfg.train.seed).permutation(len(self.train_ids))[:2000]
         log.info("language model: %d sentences (%d from data.unlabelled), %d pieces", len(self.train_ids), len(extra),
                  int(self.lengths.sum()))
 
     def loss(self, rows: np.ndarray) -> tuple[torch.Tensor, int]:
-        return self.rows_loss([self.train_ids[i] for i in rows])
+        return self.text_loss([self.train_ids[i] for i in rows])
 
-    def rows_loss(self, ids: list[list[int]]) -> tuple[torch.Tensor, int]:
+    def text_loss(self, ids: list[list[int]]) -> tuple[torch.Tensor, int]:
+        """Summed negative log-likelihood of both directions, and the pieces predicted."""
         batch, lengths = pad(ids, PAD)
         net = self.forward if self.model.training else self.model
         with autocast(self.cfg.train.bf16, self.device):
@@ -385,7 +387,7 @@ class EncoderLMTask(ClassifierTask):
         order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
         total = count = 0
         for start in range(0, len(order), 256):
-            loss, n = self.rows_loss([ids[i] for i in order[start : start + 256]])
+            loss, n = self.text_loss([ids[i] for i in order[start : start + 256]])
             total, count = total + float(loss), count + n
         self.model.train()
         return round(total / max(count, 1), 4)
@@ -393,7 +395,7 @@ class EncoderLMTask(ClassifierTask):
     def validate(self) -> dict:
         dev = self.nats_per_piece(self.dev_ids)
         train = self.nats_per_piece([self.train_ids[i] for i in self.probe])
-        return {"dev_loss": dev, "dev_perplexity": round(math.exp(dev), 2), "train_loss": train, "score": -dev}
+        return {"dev_loss": dev, "dev_ppl": round(math.exp(dev), 2), "train_loss": train, "score": -dev}
 
     def test(self) -> dict:
         return {}
