@@ -52,7 +52,8 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 
 def training_curves(run_dir: Path, out: Path) -> None:
-    """Four panels against steps: train and dev loss, the dev score, learning rate, gradient norm;
+    """Four panels against steps: train and dev loss, the dev score (BLEU, bits per character, or a
+    pretrained encoder's perplexity), learning rate, gradient norm;
     for a classifier, two against epochs: accuracy and loss, training and validation."""
     plt = require_matplotlib()
     records = read_metrics(run_dir)
@@ -70,11 +71,12 @@ def training_curves(run_dir: Path, out: Path) -> None:
     ax.set_title("loss (nats)")
     ax.legend()
     ax = axes[0][1]
-    for key in ("dev_bleu", "valid_bits_per_char"):
+    for key in ("dev_bleu", "valid_bits_per_char", "dev_ppl"):  # the first the run has (a translator: BLEU)
         points = [(r["step"], r[key]) for r in evals if key in r]
         if points:
             ax.plot(*zip(*points), "o-", color="tab:green")
             ax.set_title(key.replace("_", " "))
+            break
     for ax, key, title in ((axes[1][0], "lr", "learning rate"), (axes[1][1], "grad_norm", "gradient norm (pre-clip)")):
         ax.plot([r["step"] for r in train], [r[key] for r in train])
         ax.set_title(title)

@@ -34,6 +34,20 @@ def test_plot_draws_the_runs_curves(tiny_translator_folder, tmp_path):
     assert pixels_of(image, TRAIN_COLOUR) > 200 and pixels_of(image, SCORE_COLOUR) == 0
 
 
+def test_plot_of_a_pretrained_encoder_draws_its_dev_perplexity(tiny_translator_folder, tmp_path):
+    from seq2seq.plots import training_curves
+
+    (tmp_path / "run").mkdir()  # the translator's log without BLEU: loss and perplexity, as an encoder LM logs
+    lines = []
+    for line in (tiny_translator_folder / "metrics.jsonl").read_text(encoding="utf-8").splitlines():
+        record = json.loads(line)
+        record.pop("dev_bleu", None)
+        lines.append(json.dumps(record) + "\n")
+    (tmp_path / "run" / "metrics.jsonl").write_text("".join(lines), encoding="utf-8")
+    training_curves(tmp_path / "run", tmp_path / "lm.png")
+    assert pixels_of(plt.imread(tmp_path / "lm.png"), SCORE_COLOUR) > 200
+
+
 @pytest.mark.parametrize("metrics, message", [
     (None, "metrics.jsonl: not found"),
     ("", "no train or eval records"),
