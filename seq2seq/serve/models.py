@@ -141,6 +141,10 @@ class Models:
                          if isinstance(w, BatchWorker) else {"steps": w.steps, "live_streams": len(w.live)})
         return out
 
-    def stop(self) -> None:
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """Stop the workers and wait for them: a worker thread still inside PyTorch when the
+        interpreter exits can abort the process ("terminate called without an active exception")."""
         for served in self.served.values():
             served.worker.stop()
+        for served in self.served.values():
+            served.worker.join(timeout_s)
