@@ -221,7 +221,6 @@ class StreamWorker(threading.Thread):
             return select_rows(hidden, index), chosen.index_select(0, index)
         return hidden, chosen
 
-
     def sample(self, log_probs: torch.Tensor) -> torch.Tensor:
         """Each stream's next token, drawn with its own generator as `search.sample` draws it;
         streams that sample alike share one pass over their rows."""

@@ -122,8 +122,9 @@ def build_task(cfg: Config, data_dir: Path, cluster: Cluster, folder: RunFolder,
         init = Config.load(init_from / "config.json")
         if checkpoint.takes_encoder_only(cfg, init):
             checkpoint.load_encoder(task.model, init_from / checkpoint.BEST)
-            log.info("tokenizer, embedding and encoder from the %s %s%s", init.kind if init.kind == "translator"
-                     else "pretrained encoder" if init.model.head == "lm" else "classifier", init_from,
+            source = "translator" if init.kind == "translator" else \
+                "pretrained encoder" if init.model.head == "lm" else "classifier"
+            log.info("tokenizer, embedding and encoder from the %s %s%s", source, init_from,
                      " (frozen)" if cfg.model.freeze_encoder else "")
         else:
             checkpoint.load_weights(task.model, init_from / checkpoint.BEST)
