@@ -1,16 +1,18 @@
 #!/usr/bin/env python
-"""Decoding and generation speed of several checkouts, side by side on this machine.
+"""Decoding, generation and classification speed of several checkouts, side by side on this machine.
 
-  git worktree add /tmp/base 44b81fb
-  python scripts/decode_side_by_side.py . /tmp/base [--rounds 2]
+  git worktree add /tmp/base 69ec877
+  python scripts/decode_side_by_side.py . /tmp/base [--rounds 2] [--precisions fp32,int8]
+  ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 python scripts/decode_side_by_side.py . /tmp/base
 
-Each checkout's own `seq2seq` package (its search, models and inference code) decodes the same
-sentences with this checkout's released models (or those in `--models DIR`, say copies whose
-configs keep only the keys an older checkout knows): Multi30k test_2016_flickr.en greedy and
-beam 5 in bf16 (and int8 where the checkout offers it), and 500 characters from "ROMEO:" in 1 and
-32 streams (likewise; fp32 where the checkout's `generate` takes no `bf16`). Each checkout runs
-in a fresh process, in turn, round after round, so that the machine's drift falls on all of them
-alike. One JSON line per run.
+Each checkout's own `seq2seq` package decodes the same inputs with this checkout's released models
+(or those in `--models DIR`): Multi30k test_2016_flickr.en greedy and beam 5 in batches (sentences/s),
+the first `--one` of those sentences one call each (ms a sentence: what a lone server client and a
+one-sentence CLI call pay), 500 characters from "ROMEO:" in 1 and 32 streams (characters/s), and
+the SST-2 dev sentences classified (sentences/s), in each precision of `--precisions`. A precision
+a checkout cannot run on this CPU reads as its error's first line. Each checkout runs in a fresh
+process, in turn, round after round, so that the machine's drift falls on all of them alike. One
+JSON line per run, with the machine as the checkout's process sees it (`device.describe`).
 """
 from __future__ import annotations
 
@@ -23,43 +25,51 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 RUN = """
-import inspect, json, statistics, sys, time
+import json, statistics, sys, time
 sys.path.insert(0, {repo!r})
 from pathlib import Path
-from seq2seq import checkpoint, inference
+import torch
+from seq2seq import checkpoint, device, inference
 lines = Path({src!r}).read_text(encoding="utf-8").splitlines()
-out = {{"repo": {repo!r}}}
+sst = [l.split("\\t")[-1] for l in Path({sst!r}).read_text(encoding="utf-8").splitlines()[1:]]
+out = {{"repo": {repo!r}, "machine": device.describe()}}
 
-def rate(fn, units, repeats=3):
+def median_of(fn, repeats=3):
     fn()
-    rates = []
+    times = []
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
-        rates.append(units / (time.perf_counter() - start))
-    return round(statistics.median(rates), 1)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
-if "precision" in inspect.signature(inference.translate).parameters:  # one resolved precision argument
-    modes = [("bf16", {{"precision": "bf16"}}), ("int8", {{"precision": "int8"}})]
-else:
-    modes = [("bf16", {{"bf16": True}})]
-    if "int8" in inspect.signature(inference.translate).parameters:
-        modes.append(("int8", {{"bf16": True, "int8": True}}))
-_, model, tokenizer = checkpoint.load({translator!r})[:3]
-for beam in (1, 5):
-    for mode, kwargs in modes:
-        out[f"beam{{beam}}_{{mode}}_sentences_per_s"] = rate(
-            lambda: inference.translate(model, tokenizer, lines, beam=beam, **kwargs), len(lines))
-_, model, vocab = checkpoint.load({charlm!r})[:3]
-if "precision" in inspect.signature(inference.generate).parameters:
-    modes = [("bf16", {{"precision": "bf16"}}), ("int8", {{"precision": "int8"}})]
-elif "bf16" not in inspect.signature(inference.generate).parameters:
-    modes = [("fp32", {{}})]
-for streams in (1, 32):
-    for mode, kwargs in modes:
-        out[f"{{streams}}_streams_{{mode}}_chars_per_s"] = rate(
-            lambda: inference.generate(model, vocab, ["ROMEO:"] * streams, 500, temperature=0.8, seed=1, **kwargs),
-            streams * 500)
+def measure(key, fn, scale):
+    try:
+        out[key] = round(scale(median_of(fn)), 2)
+    except Exception as e:  # a precision this CPU cannot run: its error, not a number
+        out[key] = (str(e).splitlines() or [type(e).__name__])[0][:160]
+
+_, model, tokenizer = checkpoint.load({translator!r})
+for precision in {precisions!r}:
+    for beam in (1, 5):
+        measure(f"beam{{beam}}_{{precision}}_sentences_per_s",
+                lambda: inference.translate(model, tokenizer, lines, beam=beam, precision=precision),
+                lambda s: len(lines) / s)
+        one = lines[: {one}]
+        measure(f"one_sentence_beam{{beam}}_{{precision}}_ms",
+                lambda: [inference.translate(model, tokenizer, [line], beam=beam, precision=precision) for line in one],
+                lambda s: 1000 * s / len(one))
+_, model, vocab = checkpoint.load({charlm!r})
+for precision in {precisions!r}:
+    for streams in (1, 32):
+        measure(f"{{streams}}_streams_{{precision}}_chars_per_s",
+                lambda: inference.generate(model, vocab, ["ROMEO:"] * streams, 500, temperature=0.8, seed=1,
+                                           precision=precision),
+                lambda s: streams * 500 / s)
+_, model, tokenizer = checkpoint.load({classifier!r})
+for precision in {precisions!r}:
+    measure(f"classify_{{precision}}_sentences_per_s",
+            lambda: inference.classify(model, tokenizer, sst, precision=precision), lambda s: len(sst) / s)
 print(json.dumps(out))
 """
 
@@ -68,18 +78,22 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("repos", nargs="+", type=Path, help="checkouts to compare (their repository roots)")
     p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--precisions", default="auto,fp32,int8,bf16", help="comma-separated, each as --precision takes it")
+    p.add_argument("--one", type=int, default=100, help="sentences translated one call each")
     p.add_argument("--data-dir", type=Path, default=ROOT.parent / "shared" / "data")
     p.add_argument("--models", type=Path, default=ROOT / "checkpoints",
-                   help="folder with en-fr/ and shakespeare/ (an older checkout may need their configs "
+                   help="folder with en-fr/, shakespeare/ and sst2/ (an older checkout may need their configs "
                         "cut to the keys it knows)")
     args = p.parse_args()
-    src = args.data_dir / "multi30k-en-fr" / "test_2016_flickr.en"
-    if not src.is_file():
-        sys.exit(f"decode_side_by_side: {src}: file not found (pass --data-dir)")
+    src, sst = args.data_dir / "multi30k-en-fr" / "test_2016_flickr.en", args.data_dir / "sst2" / "dev.tsv"
+    for path in (src, sst):
+        if not path.is_file():
+            sys.exit(f"decode_side_by_side: {path}: file not found (pass --data-dir)")
     for _ in range(args.rounds):
         for repo in args.repos:
-            code = RUN.format(repo=str(repo.resolve()), src=str(src), translator=str(args.models / "en-fr"),
-                              charlm=str(args.models / "shakespeare"))
+            code = RUN.format(repo=str(repo.resolve()), src=str(src), sst=str(sst), one=args.one,
+                              precisions=args.precisions.split(","), translator=str(args.models / "en-fr"),
+                              charlm=str(args.models / "shakespeare"), classifier=str(args.models / "sst2"))
             result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
             if result.returncode:
                 sys.exit(f"decode_side_by_side: {repo}: {result.stderr.strip().splitlines()[-1]}")

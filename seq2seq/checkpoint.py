@@ -158,7 +158,8 @@ def build(cfg: Config, tokenizer):
 
 
 def load(folder: str | Path, weights: str = BEST, device: str = "cpu"):
-    """(config, model in eval mode on `device`, tokenizer) of a model folder."""
+    """(config, model on `device`, tokenizer) of a model folder, for use: in eval mode and frozen
+    (no gradients), so that decoding keeps its packed weights without comparing them."""
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"{folder}: model folder not found")
@@ -169,5 +170,9 @@ def load(folder: str | Path, weights: str = BEST, device: str = "cpu"):
     tokenizer = kind_classes(cfg.kind)[1].load(folder)
     model = build(cfg, tokenizer).to(resolve_device(device))
     load_weights(model, folder / weights)
-    model.eval()
+    model.eval().requires_grad_(False)
+    if cfg.kind == "translator":
+        from seq2seq.shortlist import Shortlist
+
+        model.shortlist = Shortlist.load(folder)
     return cfg, model, tokenizer

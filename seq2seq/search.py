@@ -86,6 +86,12 @@ def _topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     return values, (at // k) * groups + best_groups.gather(1, at % k)
 
 
+def output_ids(state) -> torch.Tensor | None:
+    """The vocabulary ids of the logits' columns where a model scores a shortlist of its
+    vocabulary (the translator's `state["output_ids"]`), else None: column i is token i."""
+    return state.get("output_ids") if isinstance(state, dict) else None
+
+
 def _decode(model, state, first_tokens: torch.Tensor, max_lens, eos: int | None,
             choose: Callable[[torch.Tensor], torch.Tensor],
             on_step: Callable[[torch.Tensor, torch.Tensor], None] | None = None) -> list[Hypothesis]:
@@ -100,14 +106,16 @@ def _decode(model, state, first_tokens: torch.Tensor, max_lens, eos: int | None,
     record: list[tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]] = []  # rows, tokens, log-probs
     tokens = first_tokens
     first_limit = int(row_max.min()) if batch else 0  # without EOS no row ends before this step
+    vocab = output_ids(state)
     for t in range(steps):
         logits, state = model.step(tokens, state)
         step_log_probs = log_probs(logits)
-        tokens = choose(step_log_probs)
+        columns = choose(step_log_probs)
+        tokens = columns if vocab is None else vocab[columns]
         if not record or record[-1][0] is not rows:
             record.append((rows, [], []))
         record[-1][1].append(tokens)
-        record[-1][2].append(step_log_probs.gather(1, tokens.unsqueeze(1)).squeeze(1))
+        record[-1][2].append(step_log_probs.gather(1, columns.unsqueeze(1)).squeeze(1))
         if on_step is not None:
             live = (~finished).nonzero().squeeze(1) if n_finished else slice(None)
             on_step(rows[live], tokens[live])
@@ -226,12 +234,14 @@ def beam_search(model, state, first_tokens, max_lens, beam_size: int, eos: int |
     active = torch.arange(batch, device=device)
     finished: list[list[Hypothesis]] = [[] for _ in range(batch)]
     n_finished = torch.zeros(batch, dtype=torch.long, device=device)
-    length = 0
+    length, vocab = 0, output_ids(state)
     while active.numel():
         length += 1
         logits, state = model.step(tokens, state)
         n, width = active.numel(), min(2 * k, k * logits.size(-1))
         top_scores, origin, top_tokens = _best_continuations(log_probs(logits), scores, width)
+        if vocab is not None:
+            top_tokens = vocab[top_tokens]
         is_eos = top_tokens == eos if eos is not None else torch.zeros_like(top_tokens, dtype=torch.bool)
         last_step = length >= max_lens[active]
         in_top_k = torch.arange(width, device=device) < k

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from seq2seq import search
-from seq2seq.device import Precision, int8_available
+from seq2seq.device import Precision, bf16_runs, int8_available
 from seq2seq.fast import for_decoding
 from conftest import random_batch, small_charlm, small_translator
 from test_search import EOS, translator_start
@@ -78,7 +78,8 @@ def test_packed_weights_are_kept_between_regions_until_the_weights_change():
         first_out, first_layers = first.out.kernel, first.rnn.layers
         again = for_decoding(model, FP32)
         assert again.out.kernel is first_out and again.rnn.layers is first_layers
-        assert for_decoding(model, BF16).out.kernel is not first_out  # another dtype, another packing
+        other = BF16 if bf16_runs() else INT8  # below AVX-512, oneDNN packs no bf16
+        assert for_decoding(model, other).out.kernel is not first_out  # another dtype, another packing
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.1, fused=True)
     model.train()
     model(prompt)[0].sum().backward()

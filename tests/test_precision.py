@@ -6,26 +6,84 @@ from seq2seq.device import Precision, resolve_precision
 from seq2seq.errors import UserError
 
 
-def test_native_bf16_follows_the_cpu_flags(monkeypatch):
-    monkeypatch.setattr(device, "cpu_flags", lambda: frozenset({"avx2", "avx512f", "avx512_bf16"}))
+AVX2 = {"sse4_1", "avx", "avx2", "fma"}
+AVX512 = AVX2 | {"avx512f", "avx512bw", "avx512vl", "avx512dq"}
+ZEN4 = AVX512 | {"avx512_vnni", "avx512_bf16", "avx_vnni"}
+
+
+@pytest.fixture
+def x86(monkeypatch):
+    """An x86 machine whose flags a test sets, with no ONEDNN_MAX_CPU_ISA of the shell's."""
+    monkeypatch.setattr(device, "is_arm", lambda: False)
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+    return lambda flags: monkeypatch.setattr(device, "cpu_flags", lambda: frozenset(flags))
+
+
+def test_the_onednn_level_follows_the_flags_and_the_isa_cap(x86, monkeypatch):
+    for flags, level in ((AVX2 - {"avx2", "fma"}, "AVX"), (AVX2, "AVX2"), (AVX2 | {"avx_vnni"}, "AVX2_VNNI"),
+                         (AVX512, "AVX512_CORE"), (AVX512 | {"avx512_vnni"}, "AVX512_CORE_VNNI"), (ZEN4, "AVX512_CORE_BF16"),
+                         (ZEN4 | {"avx512_fp16", "amx_tile", "amx_int8", "amx_bf16"}, "AVX10_1_512_AMX")):
+        x86(flags)
+        assert device.cpu_isa() == level, flags
+    x86(ZEN4)
+    for cap, level in (("AVX2", "AVX2"), ("avx512_core", "AVX512_CORE"), ("AVX", "AVX"), ("ALL", "AVX512_CORE_BF16")):
+        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
+        assert device.cpu_isa() == level, cap
+
+
+def test_native_bf16_needs_the_instructions_and_a_working_primitive(x86, monkeypatch):
+    monkeypatch.setattr(device, "bf16_runs", lambda: True)
+    x86(ZEN4)
     assert device.native_bf16()
-    monkeypatch.setattr(device, "cpu_flags", lambda: frozenset({"avx2", "amx_bf16"}))
-    assert device.native_bf16()
-    monkeypatch.setattr(device, "cpu_flags", lambda: frozenset({"avx2", "avx512f", "avx512_vnni"}))
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")  # an emulated AVX2 machine, as a real one
     assert not device.native_bf16()
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
+    x86(AVX512 | {"avx512_vnni"})
+    assert not device.native_bf16()  # AVX-512 without BF16: oneDNN emulates it
+    x86(ZEN4)
+    monkeypatch.setattr(device, "bf16_runs", lambda: False)
+    assert not device.native_bf16()  # the flags say yes, but the installed oneDNN cannot
+    monkeypatch.setattr(device, "is_arm", lambda: True)
+    monkeypatch.setattr(device, "cpu_flags", lambda: frozenset({"fp", "asimd", "bf16"}))  # /proc/cpuinfo "Features"
+    monkeypatch.setattr(device, "bf16_runs", lambda: True)
+    assert device.native_bf16() and device.cpu_isa() == "aarch64" and not device.native_int8()
 
 
-def test_native_int8_follows_the_cpu_flags(monkeypatch):
+def test_int8_runs_from_avx2_up_with_7_bit_weights_where_sums_saturate(x86, monkeypatch):
     monkeypatch.setattr(device, "int8_available", lambda: True)
-    for flags in ({"avx2", "avx512f", "avx512_vnni"}, {"avx2", "avx_vnni"}, {"avx2", "amx_int8"}):
-        monkeypatch.setattr(device, "cpu_flags", lambda flags=flags: frozenset(flags))
-        assert device.native_int8(), flags
-    monkeypatch.setattr(device, "cpu_flags", lambda: frozenset({"avx2", "avx512f", "avx512_bf16"}))
-    assert not device.native_int8()
-    monkeypatch.setattr(device, "cpu_flags", lambda: frozenset({"avx2", "avx512_vnni"}))
+    for flags, weight_max in ((AVX2, 63), (AVX2 | {"avx_vnni"}, 127), (AVX512, 63), (ZEN4, 127)):
+        x86(flags)
+        assert device.native_int8() and device.int8_weight_max() == weight_max, flags
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    assert device.native_int8() and device.int8_weight_max() == 63  # VNNI is above the cap
+    x86(AVX2 - {"avx2", "fma"})
+    assert not device.native_int8()  # AVX alone: unmeasured, fp32
+    x86(ZEN4)
     monkeypatch.setattr(device, "int8_available", lambda: False)
     assert not device.native_int8()  # no oneDNN quantized engine: Int8Linear cannot run
     assert not device.native_int8("cuda")
+
+
+def test_bf16_asked_where_it_cannot_run(x86, monkeypatch, caplog):
+    """Training falls back to fp32 in one line; an explicit --precision bf16 is a one-line error
+    where oneDNN has no bf16, a warning where it only emulates it."""
+    x86(AVX2)
+    monkeypatch.setattr(device, "bf16_runs", lambda: False)
+    with caplog.at_level("INFO", logger="seq2seq"):
+        assert device.training_bf16(True) is False and device.training_bf16(False) is False
+    assert "computes no bf16 natively; training in fp32" in caplog.text
+    with pytest.raises(UserError, match=r"--precision bf16: PyTorch's oneDNN runs no bf16 on this CPU "
+                                        r"\(oneDNN at AVX2\).*use --precision fp32 or int8"):
+        resolve_precision("bf16", "cpu")
+    x86(AVX512)
+    monkeypatch.setattr(device, "bf16_runs", lambda: True)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="seq2seq"):
+        assert resolve_precision("bf16", "cpu") == Precision(True, False)
+    assert "oneDNN emulates them, slower than fp32" in caplog.text
+    x86(ZEN4)
+    assert device.training_bf16(True) is True
 
 
 @pytest.mark.parametrize("bf16, int8", [(False, False), (True, False), (True, True), (False, True)])
@@ -35,6 +93,7 @@ def test_precision_auto_is_the_native_one_and_a_choice_is_obeyed(monkeypatch, bf
     monkeypatch.setattr(device, "native_bf16", lambda d="cpu": bf16)
     monkeypatch.setattr(device, "native_int8", lambda d="cpu": int8)
     monkeypatch.setattr(device, "int8_available", lambda: True)
+    monkeypatch.setattr(device, "bf16_runs", lambda: True)
     assert resolve_precision("auto", "cpu", "translator") == Precision(bf16, int8)
     assert resolve_precision("auto", "cpu", "charlm") == Precision(bf16, False)
     assert resolve_precision("bf16", "cpu") == Precision(True, False)
@@ -54,7 +113,7 @@ def test_precision_errors_say_what_is_wrong(monkeypatch):
 def test_describe_names_the_machine():
     facts = device.describe()
     assert facts["threads"] >= 1 and facts["torch"].startswith("2.")
-    assert set(facts) >= {"cpu", "avx512_bf16", "amx_bf16", "avx512_vnni", "native_bf16", "native_int8"}
+    assert set(facts) >= {"cpu", "onednn_isa", "aten_capability", "native_bf16", "native_int8"}
 
 
 def test_kept_freed_memory_is_reused_without_page_faults():
@@ -83,3 +142,21 @@ print(tuned, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
     if tuned != "True":
         pytest.skip("this libc has no mallopt")
     assert int(faults) < 8 * 2**20 * 4 // 4096  # fewer than one allocation's worth of 4 KB pages
+
+
+def test_a_bf16_preset_trains_in_fp32_where_bf16_is_not_native(tmp_path, monkeypatch, caplog):
+    """The run says so in one line and metrics.jsonl records what ran."""
+    import json
+
+    from seq2seq.config import load_preset
+    from seq2seq.training import train
+    from conftest import SAMPLE_DIR
+
+    monkeypatch.setattr(device, "native_bf16", lambda d="cpu": False)
+    cfg = load_preset("tiny-charlm", "charlm", ["train.max_steps=4", "train.eval_every=4", "train.bf16=true"])
+    with caplog.at_level("INFO", logger="seq2seq"):
+        train(cfg, SAMPLE_DIR, tmp_path / "run")
+    assert "computes no bf16 natively; training in fp32" in caplog.text
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert records[0]["type"] == "precision" and records[0]["train"] == "fp32"
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["train"]["bf16"] is False

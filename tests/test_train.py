@@ -9,6 +9,7 @@ from safetensors.torch import load_file
 
 from seq2seq import checkpoint
 from seq2seq.config import Config, load_preset
+from seq2seq.device import native_bf16
 from seq2seq.errors import Interrupted
 from seq2seq.training import timing_trainer, train
 from seq2seq.training.schedule import BUDGET_MARGIN, plan_total_steps
@@ -285,6 +286,9 @@ def test_short_end_to_end_run_on_multi30k(tmp_path):
     assert test["test_sentences"] == 100 and test["test_beam"] == 5 and test["test_chrf"] > 5
     translated = run_cli("translate", "-m", out, "A man is riding a bicycle down the street.")
     assert translated.returncode == 0 and translated.stdout.count("\n") == 1
+    assert (out / "shortlist.safetensors").is_file()  # the output layer's vocabulary shortlist, with the model
+    precision = next(r for r in log if r["type"] == "precision")  # the preset's bf16 where native, else fp32
+    assert precision["train"] == ("bf16" if native_bf16() else "fp32")
 
 
 def test_weight_decay_is_decoupled_from_the_gradient_moments(tmp_path):

@@ -11,6 +11,8 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 
+from seq2seq.device import int8_weight_max
+
 Hidden = tuple[torch.Tensor, torch.Tensor]
 
 
@@ -31,11 +33,12 @@ class PackedLinear:
 class Int8Linear:
     """x W^T + b in int8: W quantized once with a scale per output row, x at each call with one
     scale for the call (dynamic quantization), the product in oneDNN's int8 kernels (VNNI where
-    the CPU has it), the result in fp32."""
+    the CPU has it), the result in fp32. Without VNNI the weights take 7 bits, which keeps AVX2's
+    saturating 16-bit sums exact (`device.int8_weight_max`)."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
         weight = weight.detach().float()
-        scales = (weight.abs().amax(1) / 127).clamp_min(1e-12).double()
+        scales = (weight.abs().amax(1) / int8_weight_max()).clamp_min(1e-12).double()
         zero_points = torch.zeros(weight.size(0), dtype=torch.long)
         with warnings.catch_warnings():  # quantized tensors are deprecated, and still the API of these kernels
             warnings.simplefilter("ignore")
@@ -52,17 +55,21 @@ class Int8Linear:
 
 
 # Packed weights outlive a decoding call, so that a caller translating batch after batch packs
-# once. An entry is reused while its module's weights equal a copy kept with it: version counters
-# cannot tell, as a fused optimizer step leaves them as they were.
+# once. An entry is reused while its module's weights are as they were: frozen weights (a model
+# loaded for use) by their version counters and storage, which every in-place write moves;
+# trainable ones by a copy kept with them, as a fused optimizer step leaves version counters be.
 _PACKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def packed(module: nn.Module, key: tuple, build):
     """`build()`'s result for `module` under `key`, kept while the module's weights stay as they are."""
     weights = [p.detach() for p in module.parameters(recurse=False)]
+    frozen = not any(p.requires_grad for p in module.parameters(recurse=False))
+    stamp = (key, tuple((w._version, w.data_ptr()) for w in weights))
     cached = _PACKED.get(module)
-    if cached is None or cached[0] != key or not all(torch.equal(a, b) for a, b in zip(weights, cached[1])):
-        cached = _PACKED[module] = (key, [w.clone() for w in weights], build())
+    if cached is not None and cached[0] == stamp and (frozen or all(map(torch.equal, weights, cached[1]))):
+        return cached[2]
+    cached = _PACKED[module] = (stamp, [] if frozen else [w.clone() for w in weights], build())
     return cached[2]
 
 

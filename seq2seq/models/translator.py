@@ -34,6 +34,10 @@ class Translator(nn.Module):
         if cfg.tie_embeddings:
             self.out.weight = self.embed.weight
         self.dropout = Dropout(cfg.dropout)
+        self.shortlist = None  # a model folder's `seq2seq.shortlist.Shortlist`, which decoding scores over
+
+    # state entries that belong to the whole batch, not to its sentences or rows
+    BATCH_KEYS = ("output_ids", "output")
 
     # -- encoder ---------------------------------------------------------------------------
     def start(self, src: torch.Tensor, src_len: torch.Tensor) -> dict:
@@ -57,7 +61,18 @@ class Translator(nn.Module):
         state = {"hidden": hidden, "memory": memory, "keys": keys, "mask": src != PAD}
         if self.cfg.input_feeding:
             state["feed"] = memory.new_zeros(src.size(0), self.cfg.emb_dim)
+        if self.shortlist is not None and not self.training:
+            state["output_ids"], state["output_mask"] = self.shortlist.union_and_mask(src)
+            state["output"] = self._output_rows(state["output_ids"], src.size(0))
         return state
+
+    def _output_rows(self, ids: torch.Tensor, sentences: int):
+        """The output layer cut to the target pieces `ids`: the decoding twin's kernel for them
+        (`FastLinear.rows`), else a plain product on the selected rows."""
+        if hasattr(self.out, "rows"):
+            return self.out.rows(ids, sentences)
+        weight, bias = self.out.weight.index_select(0, ids), self.out.bias.index_select(0, ids)
+        return lambda x: nn.functional.linear(x, weight, bias)
 
     # -- decoder ---------------------------------------------------------------------------
     def _attend(self, dec_out: torch.Tensor, state: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -65,7 +80,8 @@ class Translator(nn.Module):
         return self.squash(self.combine(torch.cat([context, dec_out], dim=-1))), weights
 
     def step(self, tokens: torch.Tensor, state: dict) -> tuple[torch.Tensor, dict]:
-        """One decoder step for tokens (B,) -> logits (B, V) and the next state."""
+        """One decoder step for tokens (B,) -> logits (B, V) and the next state; with a shortlist,
+        logits over `state["output_ids"]`, each sentence's own pieces unmasked."""
         x = self.dropout(self.embed(tokens))
         if self.cfg.input_feeding:
             x = torch.cat([x, state["feed"].to(x.dtype)], dim=-1)
@@ -77,7 +93,11 @@ class Translator(nn.Module):
         state = dict(state, hidden=hidden)
         if self.cfg.input_feeding:
             state["feed"] = attentional
-        return self.out(self.dropout(attentional)), state
+        if "output" not in state:
+            return self.out(self.dropout(attentional)), state
+        logits = state["output"](attentional).view(sentences, -1, state["output_ids"].numel())
+        logits = logits.masked_fill(~state["output_mask"].unsqueeze(1), float("-inf"))
+        return logits.view(dec_out.size(0), -1), state
 
     @staticmethod
     def reorder_state(state: dict, rows: torch.Tensor, sentences: torch.Tensor | None = None) -> dict:
@@ -89,6 +109,8 @@ class Translator(nn.Module):
                 out[key] = select_rows(value, rows)
             elif key == "feed":
                 out[key] = value.index_select(0, rows)
+            elif key in Translator.BATCH_KEYS:
+                out[key] = value
             else:
                 out[key] = value if sentences is None else value.index_select(0, sentences)
         return out

@@ -14,6 +14,7 @@ import torch
 from seq2seq import checkpoint
 from seq2seq.config import Config
 from seq2seq.device import resolve as resolve_device
+from seq2seq.device import machine_name, training_bf16
 from seq2seq.distributed import Cluster
 from seq2seq.errors import UserError
 from seq2seq.fast import configure_process
@@ -62,8 +63,12 @@ def train(cfg: Config, data_dir: Path | None, output: Path, time_budget: float |
     if not resume:
         if init_from is not None:  # the log says where the weights came from
             folder.write({"type": "init", "step": 0, "from": str(Path(init_from).resolve())})
+        folder.write({"type": "precision", "step": 0, "train": "bf16" if cfg.train.bf16 else "fp32",
+                      "device": machine_name(cluster.device)})  # what ran: a preset's bf16 is bf16 where native
         trainer.save_resume_state()
     best = trainer.run()
+    if cluster.main and hasattr(task, "save_shortlist"):
+        task.save_shortlist(folder.path)  # before the test: it is scored as `seq2seq evaluate` scores it
     if cluster.main and best is not None:
         score_test(task, folder, best)
     return best
@@ -90,7 +95,9 @@ def timing_trainer(cfg: Config, data_dir: Path, device: str = "cpu") -> Trainer:
 
 
 def _start(cfg: Config, cluster: Cluster, resume_from: RunFolder | None) -> dict | None:
-    """Threads, the seed, a check of the schedule's name, and the resume state to continue from."""
+    """Threads, the seed, a check of the schedule's name, bf16 where it runs natively (else fp32,
+    said in one line), and the resume state to continue from."""
+    cfg.train.bf16 = training_bf16(cfg.train.bf16, cluster.device)
     torch.set_num_threads(cfg.train.threads or max(1, (os.cpu_count() or 1) // cluster.world))
     torch.manual_seed(cfg.train.seed)
     learning_rate(cfg.train, 0, None, 1.0)  # a bad schedule name fails now, before anything is written

@@ -28,6 +28,7 @@ from seq2seq.errors import UserError
 from seq2seq.loss import smoothed_cross_entropy
 from seq2seq.metrics import bleu_chrf, classification_scores
 from seq2seq.models.rnn import detach
+from seq2seq.shortlist import Shortlist
 from seq2seq.tokenizer import BOS, EOS, PAD, CharVocab, LabelledTokenizer, SubwordTokenizer
 
 log = logging.getLogger("seq2seq")
@@ -143,6 +144,12 @@ class TranslationTask(Stateless):
                                       grad_scale=1 / max(count, 1))  # the trainer's mean
         return loss, count
 
+    def save_shortlist(self, folder: Path) -> None:
+        """The vocabulary shortlist of the pairs trained on, kept with the model (`seq2seq.shortlist`)
+        and used by `test`, as a loaded model uses it."""
+        self.shortlist = Shortlist.of_corpus(self.train, self.rows, len(self.tokenizer))
+        self.shortlist.save(folder)
+
     @torch.no_grad()
     def validate(self) -> dict:
         self.model.eval()
@@ -169,7 +176,11 @@ class TranslationTask(Stateless):
         pairs = list(non_empty(load_pairs(self.cfg.data, self.data_dir, "test"), "test"))
         if not pairs:
             raise UserError(f"data.test {self.cfg.data.test!r}: no sentence pairs")
-        hyps = inference.translate(self.model, self.tokenizer, [s for s, _ in pairs], beam=TEST_BEAM)
+        self.model.shortlist = getattr(self, "shortlist", None)
+        try:
+            hyps = inference.translate(self.model, self.tokenizer, [s for s, _ in pairs], beam=TEST_BEAM)
+        finally:
+            self.model.shortlist = None
         scores = bleu_chrf([h[0][0] for h in hyps], [t for _, t in pairs])
         self.model.train()
         return {"test_bleu": scores["bleu"], "test_chrf": scores["chrf"], "test_beam": TEST_BEAM,
