@@ -28,12 +28,15 @@ BATCH_SENTENCES, BATCH_ROWS = 320, 1600
 
 @contextmanager
 def decoding(model, precision: Precision):
-    """Eval mode, no autograd, bf16 autocast if asked; yields the model's decoding twin (see
-    `seq2seq.fast`), which a region should use for a whole call. Not inference_mode: under it
-    autocast casts the encoder's weights again at every call."""
+    """Eval mode, no autograd; yields the model's decoding twin (see `seq2seq.fast`), which a region
+    should use for a whole call. bf16 autocast where the model runs as it is (a GPU): a CPU twin
+    computes its products in bf16 itself and the rest in fp32, which spares every small operation
+    of a one-sentence step autocast's dispatch. Not inference_mode: under it autocast casts the
+    encoder's weights again at every call."""
     model.eval()
-    with torch.no_grad(), autocast(precision.bf16, device_of(model)):
-        yield fast.for_decoding(model, precision)
+    twin = fast.for_decoding(model, precision)
+    with torch.no_grad(), autocast(precision.bf16 and twin is model, device_of(model)):
+        yield twin
 
 
 def max_output_lengths(src_lengths: torch.Tensor, ratio: float) -> torch.Tensor:
@@ -167,7 +170,7 @@ def score_text(model: CharLM, ids: torch.Tensor, context: torch.Tensor | None = 
     inputs, scored = _scoring_rows(torch.cat([context, ids]), context.numel(), n, streams, warmup)
     total_nats, counted, hidden = 0.0, 0, None
     net = model if precision is None else fast.for_decoding(model, precision)
-    with autocast(precision is not None and precision.bf16, device):
+    with autocast(precision is not None and precision.bf16 and net is model, device):
         for t in range(0, inputs.size(1) - 1, window):
             x, y = inputs[:, t : t + window].to(device), inputs[:, t + 1 : t + window + 1].to(device)
             logits, hidden = net(x[:, : y.size(1)], hidden)

@@ -4,9 +4,10 @@ source pieces translate to in the training corpus, the corpus's most frequent ta
 its own source pieces (names and numbers are copied), not the whole vocabulary. At one sentence
 the output layer reads most of a decoder step's weights, so this is most of its time.
 
-Each sentence is scored over its own list: in a batch the output layer computes the union of the
-sentences' lists and masks each row to its own (`Translator.start`), so a sentence translates
-alike alone and batched with others. The list is kept in the model folder (`FILE`).
+Each sentence is scored over its own list, alone or batched with others: a few sentences' output
+layer computes the union of their lists on the selected rows, a larger batch's the whole packed
+layer (per-batch packing would cost more than the rows it saves), and each row's logits outside its
+own list are set to -inf (`Translator.start`). The list is kept in the model folder (`FILE`).
 """
 from __future__ import annotations
 
@@ -66,15 +67,20 @@ class Shortlist:
             out.append(torch.unique(found[(found >= 0) & (found < len(self.candidates))]))
         return out
 
-    def union_and_mask(self, src: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The target pieces of a batch (the union, sorted) and which of them each sentence may
-        produce: (V',) ids and a (B, V') mask."""
-        per_sentence = self.ids(src)
-        union = torch.unique(torch.cat(per_sentence))
-        mask = torch.zeros(len(per_sentence), union.numel(), dtype=torch.bool)
-        for row, ids in enumerate(per_sentence):
-            mask[row, torch.searchsorted(union, ids)] = True
-        return union.to(src.device), mask.to(src.device)
+    def restrict(self, src: torch.Tensor, vocab_size: int, columns: bool) -> tuple[torch.Tensor | None,
+                                                                                   torch.Tensor | None]:
+        """For a batch of source sentences src (B, S): the vocabulary columns its output layer
+        computes, the union of the sentences' lists, sorted (with `columns` false: None, every
+        column), and a (B, columns) bias to add to each sentence's logits, 0 at its own pieces and
+        -inf elsewhere (None for one sentence, whose list is the union)."""
+        lists = self.ids(src)
+        ids = torch.unique(torch.cat(lists)) if columns else None
+        if ids is not None and len(lists) == 1:
+            return ids.to(src.device), None
+        bias = torch.full((len(lists), vocab_size if ids is None else ids.numel()), float("-inf"))
+        for row, pieces in enumerate(lists):
+            bias[row, pieces if ids is None else torch.searchsorted(ids, pieces)] = 0.0
+        return None if ids is None else ids.to(src.device), bias.to(src.device)
 
     def save(self, folder: Path) -> None:
         small = len(self.candidates) <= torch.iinfo(torch.int16).max  # int16 halves the file

@@ -8,6 +8,8 @@ from seq2seq.fast import for_decoding
 from conftest import random_batch, small_charlm, small_translator
 from test_search import EOS, translator_start
 
+pytestmark = pytest.mark.every_cpu  # run again by CI under emulated older CPUs
+
 FP32, BF16, INT8 = Precision(bf16=False), Precision(bf16=True), Precision(bf16=False, int8=True)
 needs_onednn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="packed weights need oneDNN (mkldnn)")
 

@@ -94,6 +94,7 @@ def test_a_run_with_fewer_batches_than_processes_says_so():
         task.batches(0)
 
 
+@pytest.mark.every_cpu
 def test_evaluate_text_honours_precision(tmp_path):
     """`evaluate --text --precision bf16` scored in fp32 all the same; now it scores as asked and
     says so, and auto keeps fp32, the reference number."""

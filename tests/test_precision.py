@@ -129,6 +129,8 @@ def test_kept_freed_memory_is_reused_without_page_faults():
     script = """
 import resource, sys, torch
 from seq2seq import fast
+
+pytestmark = pytest.mark.every_cpu  # run again by CI under emulated older CPUs
 tuned = fast._keep_freed_memory()
 size = 8 * 2**20  # 32 MB of fp32, above glibc's default mmap threshold
 for _ in range(10):  # the heap settles

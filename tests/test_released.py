@@ -12,6 +12,8 @@ from seq2seq.metrics import bleu_chrf
 from seq2seq.device import Precision, int8_available
 from conftest import ROOT, assert_one_line_error, run_cli, shared_corpus
 
+pytestmark = pytest.mark.every_cpu  # run again by CI under emulated older CPUs
+
 TRANSLATOR, CHARLM, CLASSIFIER = (ROOT / "checkpoints" / name for name in ("en-fr", "shakespeare", "sst2"))
 EVERYDAY = ROOT / "data" / "sample" / "everyday"
 # measured beam-5 BLEU on the everyday sample is in checkpoints/en-fr/README.md; the floor sits under it

@@ -260,6 +260,7 @@ def test_budget_run_resumed_after_its_plan_continues_exactly(tmp_path, monkeypat
         assert torch.equal(straight[name], resumed[name]), name
 
 
+@pytest.mark.every_cpu
 def test_short_end_to_end_run_on_multi30k(tmp_path):
     """A slice of the real corpus: train briefly, translate, evaluate with sacreBLEU."""
     corpus = shared_corpus("multi30k-en-fr")

@@ -15,6 +15,7 @@ import ctypes
 import functools
 import os
 import platform
+import weakref
 
 
 @functools.cache
@@ -45,6 +46,11 @@ def _keep_freed_memory() -> bool:
         return False
 
 
+# A frozen model's twins (a model loaded for use), reused while its weights and shortlist stay as
+# they were: a one-sentence call would otherwise spend a millisecond rebuilding one.
+_TWINS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def for_decoding(model, precision):
     """The model's decoding twin for `precision` (a `seq2seq.device.Precision`): see the module's
     docstring. Weights must not change while a twin is in use; a later call packs them afresh."""
@@ -55,5 +61,13 @@ def for_decoding(model, precision):
         return model
     from seq2seq.fast.modules import twin
 
-    return twin(model, torch.bfloat16 if precision.bf16 else torch.float32, precision.int8)
+    key = (torch.bfloat16 if precision.bf16 else torch.float32, precision.int8)
+    params = list(model.parameters())
+    if any(p.requires_grad for p in params):
+        return twin(model, *key)
+    stamp = (getattr(model, "shortlist", None), model.training, tuple((p._version, p.data_ptr()) for p in params))
+    kept = _TWINS.setdefault(model, {})
+    if key not in kept or kept[key][0] != stamp:
+        kept[key] = (stamp, twin(model, *key))
+    return kept[key][1]
 

@@ -1,4 +1,5 @@
 """CPU decoding kernels: linear layers on weights packed once for oneDNN (or quantized to int8),
+computing in their dtype and returning fp32,
 and an LSTM whose step takes one product and one sigmoid per layer. Each is checked against the
 plain PyTorch module it stands in for (tests/test_fast.py); the speed they give is measured in
 docs/performance.md."""
@@ -27,7 +28,8 @@ class PackedLinear:
         self.bias = None if bias is None else bias.detach().to(dtype)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._linear_pointwise(x.to(self.dtype), self.weight, self.bias, "none", [], "")
+        """In fp32, whatever the compute dtype: the twin's other operations run in fp32."""
+        return torch.ops.mkldnn._linear_pointwise(x.to(self.dtype), self.weight, self.bias, "none", [], "").float()
 
 
 class Int8Linear:

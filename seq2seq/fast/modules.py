@@ -11,31 +11,18 @@ from seq2seq.fast.kernels import (Int8Linear, PackedLinear, pack_lstm, packed, p
                                   packed_lstm_step, sigmoid_tanh)
 
 
-PACKED_ROWS_FROM = 8  # sentences in a batch from which a shortlist's output rows are packed
-
-
 class FastLinear(nn.Module):
     """An nn.Linear on packed (or int8) weights."""
 
     def __init__(self, linear: nn.Linear, dtype: torch.dtype, int8: bool):
         super().__init__()
-        self.pack = Int8Linear if int8 else (lambda w, b: PackedLinear(w, b, dtype))
+        pack = Int8Linear if int8 else (lambda w, b: PackedLinear(w, b, dtype))
         self.plain = [linear]  # a list: the twin holds no parameters of its own
-        self.kernel = packed(linear, (dtype, int8), lambda: self.pack(linear.weight, linear.bias))
+        self.kernel = packed(linear, (dtype, int8), lambda: pack(linear.weight, linear.bias))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.kernel(x)
 
-    def rows(self, ids: torch.Tensor, sentences: int):
-        """A kernel for the output rows `ids` alone (a vocabulary shortlist) for a batch of
-        `sentences`: packed now where the batch is large enough to repay it (packing the rows costs
-        the time of ~10 products of one sentence in fp32, of ~250 in int8), else a plain fp32
-        product on the selected rows."""
-        linear = self.plain[0]
-        weight, bias = linear.weight.index_select(0, ids), None if linear.bias is None else linear.bias[ids]
-        if sentences >= PACKED_ROWS_FROM:
-            return self.pack(weight, bias)
-        return lambda x: nn.functional.linear(x.float(), weight, bias)
 
 
 class FastLSTM(nn.Module):
@@ -46,14 +33,19 @@ class FastLSTM(nn.Module):
         super().__init__()
         pack = Int8Linear if int8 else (lambda w, b: PackedLinear(w, b, dtype))
         self.plain = [lstm]  # a list: the twin holds no parameters of its own
+        self.bf16 = dtype == torch.bfloat16
         self.layers = packed(lstm, (dtype, int8), lambda: pack_lstm(lstm, pack))
 
     def forward(self, x, hidden=None):
         lstm = self.plain[0]
-        # one sequence: oneDNN's LSTM primitive runs it whole, at twice the speed of a step loop
         if lstm.bidirectional and isinstance(x, PackedSequence) and hidden is None and int(x.batch_sizes[0]) > 1:
             return packed_bidirectional_lstm(self.layers, x)
-        return lstm(x, hidden)
+        # one sequence (oneDNN's LSTM primitive runs it whole, at twice the speed of a step loop),
+        # or a call the packed kernels do not cover: the plain module, in bf16 where the twin is
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
+            out, hidden = lstm(x, hidden)
+        out = out._replace(data=out.data.float()) if isinstance(out, PackedSequence) else out.float()
+        return out, tuple(h.float() for h in hidden)
 
     def step(self, x: torch.Tensor, hidden):
         lstm = self.plain[0]

@@ -10,6 +10,10 @@ from seq2seq.models.attention import Attention
 from seq2seq.models.rnn import Dropout, make_rnn, select_rows
 from seq2seq.tokenizer import PAD
 
+# Below this many sentences a shortlist's rows of the output layer are selected for the batch;
+# from it the whole packed layer computes, which per-batch packing of the rows would not repay.
+SHORTLIST_ROWS_BELOW = 8
+
 
 class Translator(nn.Module):
     """Embeddings are shared by source and target (the vocabulary is joint) and, with
@@ -62,17 +66,19 @@ class Translator(nn.Module):
         if self.cfg.input_feeding:
             state["feed"] = memory.new_zeros(src.size(0), self.cfg.emb_dim)
         if self.shortlist is not None and not self.training:
-            state["output_ids"], state["output_mask"] = self.shortlist.union_and_mask(src)
-            state["output"] = self._output_rows(state["output_ids"], src.size(0))
+            ids, bias = self.shortlist.restrict(src, self.embed.num_embeddings, columns=src.size(0) < SHORTLIST_ROWS_BELOW)
+            if ids is not None:
+                state["output_ids"], state["output"] = ids, self._output_rows(ids)
+            if bias is not None:
+                state["output_bias"] = bias
         return state
 
-    def _output_rows(self, ids: torch.Tensor, sentences: int):
-        """The output layer cut to the target pieces `ids`: the decoding twin's kernel for them
-        (`FastLinear.rows`), else a plain product on the selected rows."""
-        if hasattr(self.out, "rows"):
-            return self.out.rows(ids, sentences)
-        weight, bias = self.out.weight.index_select(0, ids), self.out.bias.index_select(0, ids)
-        return lambda x: nn.functional.linear(x, weight, bias)
+    def _output_rows(self, ids: torch.Tensor):
+        """The output layer cut to the target pieces `ids`: a plain fp32 product on the selected rows
+        (of the decoding twin's module, which keeps it)."""
+        linear = self.out.plain[0] if hasattr(self.out, "plain") else self.out
+        weight, bias = linear.weight.index_select(0, ids), linear.bias.index_select(0, ids)
+        return lambda x: nn.functional.linear(x.float(), weight, bias)
 
     # -- decoder ---------------------------------------------------------------------------
     def _attend(self, dec_out: torch.Tensor, state: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -81,7 +87,7 @@ class Translator(nn.Module):
 
     def step(self, tokens: torch.Tensor, state: dict) -> tuple[torch.Tensor, dict]:
         """One decoder step for tokens (B,) -> logits (B, V) and the next state; with a shortlist,
-        logits over `state["output_ids"]`, each sentence's own pieces unmasked."""
+        over `state["output_ids"]` where a few sentences compute only those columns."""
         x = self.dropout(self.embed(tokens))
         if self.cfg.input_feeding:
             x = torch.cat([x, state["feed"].to(x.dtype)], dim=-1)
@@ -93,11 +99,11 @@ class Translator(nn.Module):
         state = dict(state, hidden=hidden)
         if self.cfg.input_feeding:
             state["feed"] = attentional
-        if "output" not in state:
-            return self.out(self.dropout(attentional)), state
-        logits = state["output"](attentional).view(sentences, -1, state["output_ids"].numel())
-        logits = logits.masked_fill(~state["output_mask"].unsqueeze(1), float("-inf"))
-        return logits.view(dec_out.size(0), -1), state
+        logits = state.get("output", self.out)(self.dropout(attentional))
+        if "output_bias" in state:  # each sentence's own shortlist (-inf elsewhere), for all its rows
+            bias = state["output_bias"]
+            logits = logits.view(sentences, -1, bias.size(1)).add_(bias.unsqueeze(1)).view(dec_out.size(0), -1)
+        return logits, state
 
     @staticmethod
     def reorder_state(state: dict, rows: torch.Tensor, sentences: torch.Tensor | None = None) -> dict:

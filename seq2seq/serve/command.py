@@ -75,7 +75,9 @@ def cmd_serve(args) -> None:
     import torch
 
     torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 2) - 1))
-    device = "cpu" if args.device == "auto" else args.device
+    from seq2seq.device import resolve
+
+    device = resolve(args.device).type  # auto: the GPU where CUDA is present, as --help says
     serve(folders, args.host, args.port, limits, keys, args.cors_origin, args.precision, device, args.ready_file)
 
 
