@@ -78,10 +78,9 @@ FP32 = Precision(bf16=False)
 def resolve_precision(choice: str | Precision, device: torch.device | str = "cpu",
                       kind: str = "translator") -> Precision:
     """`--precision` for a model `kind` on `device`. auto: bf16 where the device computes it
-    natively, else fp32 (emulated bf16 is slower); for translation, also int8 products on CPUs
-    where they win at equal quality (AVX2 and up: see docs/performance.md). Generation keeps int8
-    off under auto: a character step's products are a few rows, and quantizing them at each call
-    loses to bf16 and fp32. int8: the linear layers in int8, the rest as auto. bf16 where oneDNN
+    natively, else fp32 (emulated bf16 is slower), for every kind. int8: the linear layers in int8,
+    the rest as auto; faster in batches, but not in auto, as it moved BLEU by more than 0.15 with
+    the vocabulary shortlist on both VNNI and AVX2 CPUs (docs/performance.md). bf16 where oneDNN
     cannot run it is a one-line error; where it only emulates it, a warning."""
     if isinstance(choice, Precision):
         return choice
@@ -97,7 +96,7 @@ def resolve_precision(choice: str | Precision, device: torch.device | str = "cpu
         return Precision(bf16=True)
     if choice == "fp32":
         return FP32
-    return Precision(bf16=native_bf16(device), int8=kind == "translator" and native_int8(device))
+    return Precision(bf16=native_bf16(device))
 
 
 def training_bf16(asked: bool, device: torch.device | str = "cpu") -> bool:
@@ -138,15 +137,6 @@ def native_bf16(device: torch.device | str = "cpu") -> bool:
     if is_arm():
         return "bf16" in cpu_flags() and bf16_runs()
     return isa_at_least("AVX512_CORE_BF16") and bf16_runs()
-
-
-def native_int8(device: torch.device | str = "cpu") -> bool:
-    """Whether int8 products win on the device at equal quality: an x86 CPU from AVX2 up (VNNI's
-    dot products, or AVX2's 16-bit sums on 7-bit weights: `int8_weight_max`) with PyTorch's oneDNN
-    quantized engine. Measured in docs/performance.md; below AVX2, and on Arm, unmeasured."""
-    if torch.device(device).type != "cpu" or is_arm():
-        return False
-    return isa_at_least("AVX2") and int8_available()
 
 
 def int8_weight_max() -> int:
@@ -240,4 +230,4 @@ def describe() -> dict:
             "emulated": bool(os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("ATEN_CPU_CAPABILITY")),
             "avx512_bf16": "avx512_bf16" in flags, "amx_bf16": "amx_bf16" in flags,
             "avx512_vnni": "avx512_vnni" in flags or "avx_vnni" in flags, "native_bf16": native_bf16(),
-            "native_int8": native_int8(), "int8_weight_max": int8_weight_max()}
+            "int8_engine": int8_available(), "int8_weight_max": int8_weight_max()}
