@@ -175,4 +175,8 @@ def load(folder: str | Path, weights: str = BEST, device: str = "cpu"):
         from seq2seq.shortlist import Shortlist
 
         model.shortlist = Shortlist.load(folder)
+        if model.shortlist is not None and len(model.shortlist.candidates) != len(tokenizer):
+            raise UserError(f"{folder / 'shortlist.safetensors'}: built for a vocabulary of "
+                            f"{len(model.shortlist.candidates)} pieces, the model has {len(tokenizer)}; "
+                            f"rebuild it with scripts/build_shortlist.py or delete it")
     return cfg, model, tokenizer

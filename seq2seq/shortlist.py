@@ -58,28 +58,35 @@ class Shortlist:
             rows = rows[np.linspace(0, len(rows) - 1, MAX_PAIRS).astype(np.int64)]
         return cls.build(*corpus.rows(rows), vocab_size, specials=[EOS, UNK])
 
-    def ids(self, src: torch.Tensor) -> list[torch.Tensor]:
-        """Each source sentence's target pieces, sorted: src (B, S) padded token ids."""
-        out = []
-        for row in src.cpu():
-            row = row[row != PAD]
-            found = torch.cat([self.frequent, row, self.candidates[row].flatten()])
-            out.append(torch.unique(found[(found >= 0) & (found < len(self.candidates))]))
-        return out
+    def allowed(self, src: torch.Tensor) -> torch.Tensor:
+        """(B, vocabulary) true at the target pieces each source sentence may produce: src (B, S)
+        padded token ids. One scatter for the batch: a loop over its sentences cost more than the
+        search it serves."""
+        src = src.cpu()
+        vocab = len(self.candidates)
+        pieces = torch.cat([src.masked_fill(src == PAD, vocab),  # padding to a column dropped below
+                            self.candidates[src].masked_fill((src == PAD).unsqueeze(2), -1).flatten(1)], 1)
+        allowed = torch.zeros(src.size(0), vocab + 1, dtype=torch.bool)
+        allowed.scatter_(1, pieces.masked_fill(pieces < 0, vocab), True)
+        allowed[:, self.frequent] = True
+        return allowed[:, :vocab]
 
-    def restrict(self, src: torch.Tensor, vocab_size: int, columns: bool) -> tuple[torch.Tensor | None,
-                                                                                   torch.Tensor | None]:
+    def ids(self, src: torch.Tensor) -> list[torch.Tensor]:
+        """Each source sentence's target pieces, sorted."""
+        return [row.nonzero().squeeze(1) for row in self.allowed(src)]
+
+    def restrict(self, src: torch.Tensor, columns: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """For a batch of source sentences src (B, S): the vocabulary columns its output layer
         computes, the union of the sentences' lists, sorted (with `columns` false: None, every
         column), and a (B, columns) bias to add to each sentence's logits, 0 at its own pieces and
         -inf elsewhere (None for one sentence, whose list is the union)."""
-        lists = self.ids(src)
-        ids = torch.unique(torch.cat(lists)) if columns else None
-        if ids is not None and len(lists) == 1:
-            return ids.to(src.device), None
-        bias = torch.full((len(lists), vocab_size if ids is None else ids.numel()), float("-inf"))
-        for row, pieces in enumerate(lists):
-            bias[row, pieces if ids is None else torch.searchsorted(ids, pieces)] = 0.0
+        allowed = self.allowed(src)
+        ids = allowed.any(0).nonzero().squeeze(1) if columns else None
+        if ids is not None:
+            if len(allowed) == 1:
+                return ids.to(src.device), None
+            allowed = allowed[:, ids]
+        bias = torch.zeros(allowed.shape).masked_fill_(~allowed, float("-inf"))
         return None if ids is None else ids.to(src.device), bias.to(src.device)
 
     def save(self, folder: Path) -> None:

@@ -97,3 +97,17 @@ def test_the_released_translator_carries_its_shortlist():
     ids = model.shortlist.ids(src)[0]
     assert 500 < ids.numel() < len(tokenizer) / 3
     assert inference.translate(model, tokenizer, ["A man rides a bicycle."], beam=5)[0][0][0].startswith("Un homme")
+
+
+def test_a_shortlist_of_another_vocabulary_is_refused_in_one_line(tiny_translator_folder, tmp_path):
+    import shutil
+
+    from seq2seq.errors import UserError
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_translator_folder, folder)
+    assert (folder / FILE).is_file()  # training wrote the folder's own
+    checkpoint.load(folder)
+    Shortlist(torch.full((7, 2), -1), torch.tensor([3])).save(folder)
+    with pytest.raises(UserError, match=r"shortlist.safetensors: built for a vocabulary of 7 pieces, the model has \d+"):
+        checkpoint.load(folder)

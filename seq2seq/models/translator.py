@@ -66,7 +66,7 @@ class Translator(nn.Module):
         if self.cfg.input_feeding:
             state["feed"] = memory.new_zeros(src.size(0), self.cfg.emb_dim)
         if self.shortlist is not None and not self.training:
-            ids, bias = self.shortlist.restrict(src, self.embed.num_embeddings, columns=src.size(0) < SHORTLIST_ROWS_BELOW)
+            ids, bias = self.shortlist.restrict(src, columns=src.size(0) < SHORTLIST_ROWS_BELOW)
             if ids is not None:
                 state["output_ids"], state["output"] = ids, self._output_rows(ids)
             if bias is not None:
