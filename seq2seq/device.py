@@ -79,8 +79,8 @@ def resolve_precision(choice: str | Precision, device: torch.device | str = "cpu
                       kind: str = "translator") -> Precision:
     """`--precision` for a model `kind` on `device`. auto: bf16 where the device computes it
     natively, else fp32 (emulated bf16 is slower), for every kind. int8: the linear layers in int8,
-    the rest as auto; faster in batches, but not in auto, as it moved BLEU by more than 0.15 with
-    the vocabulary shortlist on both VNNI and AVX2 CPUs (docs/performance.md). bf16 where oneDNN
+    the rest as auto; faster in batches, but not in auto, as with the vocabulary shortlist it moved
+    BLEU past the quality bar on both VNNI and AVX2 CPUs (docs/performance.md). bf16 where oneDNN
     cannot run it is a one-line error; where it only emulates it, a warning."""
     if isinstance(choice, Precision):
         return choice

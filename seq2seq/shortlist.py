@@ -2,7 +2,7 @@
 CTranslate2's vocabulary mapping: a sentence's output layer scores only the target pieces its
 source pieces translate to in the training corpus, the corpus's most frequent target pieces and
 its own source pieces (names and numbers are copied), not the whole vocabulary. At one sentence
-the output layer reads most of a decoder step's weights, so this is most of its time.
+the output layer is a decoder step's largest product but one, and most of its rows are never chosen.
 
 Each sentence is scored over its own list, alone or batched with others: a few sentences' output
 layer computes the union of their lists on the selected rows, a larger batch's the whole packed
@@ -21,8 +21,8 @@ from seq2seq.files import atomic_path
 from seq2seq.tokenizer import EOS, PAD, UNK
 
 FILE = "shortlist.safetensors"
-# Marian's defaults are 50 and 100 words; at these, the released en-fr model's BLEU stays within
-# 0.07 of the whole vocabulary's on Multi30k and Tatoeba (docs/performance.md).
+# Marian's defaults are 50 and 100 words; subword pieces need more, and smaller lists moved the
+# released en-fr model's BLEU (docs/performance.md).
 PER_PIECE, FREQUENT = 200, 1000
 MAX_PAIRS = 500_000  # a larger corpus is read at evenly spaced pairs: its counts need memory per pair
 

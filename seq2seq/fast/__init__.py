@@ -47,7 +47,7 @@ def _keep_freed_memory() -> bool:
 
 
 # A frozen model's twins (a model loaded for use), reused while its weights and shortlist stay as
-# they were: a one-sentence call would otherwise spend a millisecond rebuilding one.
+# they were: rebuilding one at every one-sentence call costs more than that call's products.
 _TWINS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 

@@ -48,9 +48,9 @@ class FastLSTM(nn.Module):
 
     def loop(self, x: PackedSequence) -> bool:
         """Whether a packed batch runs the step loop on packed weights rather than oneDNN's LSTM
-        primitive: always in int8; in fp32 from two sequences (one runs whole in the primitive at
-        twice the loop's speed); never in bf16, where the primitive is as fast from 320 sentences
-        and 2.7x faster for one, and a sentence then reads alike alone and batched."""
+        primitive: always in int8; in fp32 from two sequences (one runs whole in the primitive,
+        faster than the loop); never in bf16, where the primitive is as fast for a large batch and
+        faster for one, and a sentence then reads alike alone and batched (docs/performance.md)."""
         return self.int8 or (not self.bf16 and int(x.batch_sizes[0]) > 1)
 
     def step(self, x: torch.Tensor, hidden):
