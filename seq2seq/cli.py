@@ -11,10 +11,10 @@ import time
 from pathlib import Path
 
 from seq2seq.config import Config, anchor_user_paths, apply_overrides, default_data_dir, load_preset, preset_names
-from seq2seq.device import DEVICES, PRECISIONS
 from seq2seq.errors import Interrupted, UserError
 from seq2seq.fast import configure_process
 from seq2seq.limits import LIMITS, check_limits
+from seq2seq.commands import add_device_arg, add_precision_arg, load_kind, nonnegative_float, positive_int, released_model
 from seq2seq.serve.command import add_serve_parser, cmd_serve
 
 log = logging.getLogger("seq2seq")
@@ -30,13 +30,6 @@ def bounded_int(low: int, high: int):
     return parse
 
 
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
 def nonnegative_int(text: str) -> int:
     value = int(text)
     if value < 0:
@@ -49,13 +42,6 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
-def nonnegative_float(text: str) -> float:
-    value = float(text)
-    if not value >= 0:  # also refuses nan
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
-    return value
 
 
 def parser() -> argparse.ArgumentParser:
@@ -183,19 +169,6 @@ def add_decoding_args(p: argparse.ArgumentParser, beam_default: int | None = 5) 
     add_precision_arg(p)
 
 
-def add_device_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", choices=DEVICES, default="auto",
-                   help="where to run: auto (the GPU where CUDA is present, else the CPU), cpu or cuda")
-
-
-def add_precision_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--precision", choices=PRECISIONS, default="auto",
-                   help="decoding arithmetic; auto: bf16 where the device computes it natively (AVX-512 BF16 or "
-                        "AMX CPUs, Arm BF16, Ampere and later GPUs), else fp32; int8 (CPU from AVX2): the linear "
-                        "layers in int8, the rest as auto (faster in batches, about 0.2 BLEU lower)")
-    add_device_arg(p)
-
-
 def precision(args, kind: str):
     """--precision and --device as the one `Precision` this command decodes in."""
     from seq2seq.device import resolve, resolve_precision
@@ -288,30 +261,6 @@ def write_output(lines: list[str], path: Path | None) -> None:
         return
     from seq2seq.files import write_text_atomic
     write_text_atomic(path, text)
-
-
-RELEASED = {"translator": "en-fr", "charlm": "shakespeare", "classifier": "sst2"}
-
-
-def released_model(kind: str) -> Path:
-    """The model shipped in the project's checkpoints/ folder (or $SEQ2SEQ_MODELS) for `kind`."""
-    root = Path(os.environ.get("SEQ2SEQ_MODELS", Path(__file__).resolve().parent.parent / "checkpoints"))
-    folder = root / RELEASED[kind]
-    if not (folder / "config.json").is_file():
-        what = {"translator": "translator", "charlm": "character model", "classifier": "classifier"}[kind]
-        raise UserError(f"no -m given and the released {what} is missing ({folder}): pass -m MODEL_FOLDER, "
-                        f"or train one with `seq2seq train {kind} --preset ... --output {folder}`")
-    return folder
-
-
-def load_kind(folder: Path | None, kind: str, device: str = "cpu"):
-    from seq2seq import checkpoint
-
-    folder = folder or released_model(kind)
-    cfg, model, tokenizer = checkpoint.load(folder, device=device)
-    if kind and cfg.kind != kind:
-        raise UserError(f"{folder} holds a {cfg.kind} model; this command needs a {kind}")
-    return cfg, model, tokenizer
 
 
 def check_outputs(*paths: Path | None) -> None:

@@ -23,7 +23,7 @@ OPTION_HELP = {
 
 
 def add_serve_parser(sub) -> None:
-    from seq2seq.cli import add_precision_arg, nonnegative_float, positive_int
+    from seq2seq.commands import add_precision_arg, nonnegative_float, positive_int
 
     p = sub.add_parser("serve", help="serve models over HTTP with a page to try them (needs the [serve] extra)",
                        description="Without -m/--lm/--classifier: the released models. With any of them: those only.")
@@ -50,7 +50,7 @@ def add_serve_parser(sub) -> None:
 
 
 def cmd_serve(args) -> None:
-    from seq2seq.cli import RELEASED, released_model
+    from seq2seq.commands import RELEASED, released_model
     from seq2seq.serve.limits import Limits
 
     given = {"translator": args.model, "charlm": args.lm, "classifier": args.classifier}

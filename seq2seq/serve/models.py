@@ -108,7 +108,7 @@ class Models:
         self.gate.ready.set()
 
     def load(self, kind: str, folder: Path) -> ServedModel:
-        from seq2seq.cli import load_kind
+        from seq2seq.commands import load_kind
 
         cfg, model, tokenizer = load_kind(folder, kind, self.device)
         limits = self.limits

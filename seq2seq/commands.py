@@ -1,0 +1,62 @@
+"""What the `seq2seq` command and `seq2seq serve` share, below both: argument types, the
+--device / --precision arguments, the released models and loading a model of a kind. (serve/
+imports this module, never cli.py, which imports serve/.)"""
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from seq2seq.device import DEVICES, PRECISIONS
+from seq2seq.errors import UserError
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def nonnegative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
+
+
+def add_device_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", choices=DEVICES, default="auto",
+                   help="where to run: auto (the GPU where CUDA is present, else the CPU), cpu or cuda")
+
+
+def add_precision_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--precision", choices=PRECISIONS, default="auto",
+                   help="decoding arithmetic; auto: bf16 where the device computes it natively (AVX-512 BF16 or "
+                        "AMX CPUs, Arm BF16, Ampere and later GPUs), else fp32; int8 (CPU from AVX2): the linear "
+                        "layers in int8, the rest as auto (faster in batches, about 0.2 BLEU lower)")
+    add_device_arg(p)
+
+
+RELEASED = {"translator": "en-fr", "charlm": "shakespeare", "classifier": "sst2"}
+
+
+def released_model(kind: str) -> Path:
+    """The model shipped in the project's checkpoints/ folder (or $SEQ2SEQ_MODELS) for `kind`."""
+    root = Path(os.environ.get("SEQ2SEQ_MODELS", Path(__file__).resolve().parent.parent / "checkpoints"))
+    folder = root / RELEASED[kind]
+    if not (folder / "config.json").is_file():
+        what = {"translator": "translator", "charlm": "character model", "classifier": "classifier"}[kind]
+        raise UserError(f"no -m given and the released {what} is missing ({folder}): pass -m MODEL_FOLDER, "
+                        f"or train one with `seq2seq train {kind} --preset ... --output {folder}`")
+    return folder
+
+
+def load_kind(folder: Path | None, kind: str, device: str = "cpu"):
+    from seq2seq import checkpoint
+
+    folder = folder or released_model(kind)
+    cfg, model, tokenizer = checkpoint.load(folder, device=device)
+    if kind and cfg.kind != kind:
+        raise UserError(f"{folder} holds a {cfg.kind} model; this command needs a {kind}")
+    return cfg, model, tokenizer
