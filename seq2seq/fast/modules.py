@@ -20,6 +20,14 @@ class FastLinear(nn.Module):
         self.plain = [linear]  # a list: the twin holds no parameters of its own
         self.kernel = packed(linear, (dtype, int8), lambda: pack(linear.weight, linear.bias))
 
+    @property
+    def weight(self) -> torch.Tensor:  # the module's own, for a caller that selects rows (a shortlist)
+        return self.plain[0].weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.plain[0].bias
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.kernel(x)
 

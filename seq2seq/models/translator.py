@@ -74,10 +74,8 @@ class Translator(nn.Module):
         return state
 
     def _output_rows(self, ids: torch.Tensor):
-        """The output layer cut to the target pieces `ids`: a plain fp32 product on the selected rows
-        (of the decoding twin's module, which keeps it)."""
-        linear = self.out.plain[0] if hasattr(self.out, "plain") else self.out
-        weight, bias = linear.weight.index_select(0, ids), linear.bias.index_select(0, ids)
+        """The output layer cut to the target pieces `ids`: a plain fp32 product on the selected rows."""
+        weight, bias = self.out.weight.index_select(0, ids), self.out.bias.index_select(0, ids)
         return lambda x: nn.functional.linear(x.float(), weight, bias)
 
     # -- decoder ---------------------------------------------------------------------------
