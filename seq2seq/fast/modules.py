@@ -32,7 +32,6 @@ class FastLinear(nn.Module):
         return self.kernel(x)
 
 
-
 class FastLSTM(nn.Module):
     """An LSTM whose step (one-way) or whole packed sequence from zero states (bidirectional) runs
     on packed weights; anything else runs the plain module."""
