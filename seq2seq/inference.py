@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 from tqdm import tqdm
@@ -44,64 +45,95 @@ def max_output_lengths(src_lengths: torch.Tensor, ratio: float) -> torch.Tensor:
 
 
 def _search(decoder, ids: list[list[int]], beam: int, nbest: int, max_len_ratio: float,
-            length_penalty: float, device: torch.device) -> list[list[search.Hypothesis]]:
+            length_penalty: float, device: torch.device, stop=None) -> list[list[search.Hypothesis]]:
     """The `nbest` best hypotheses of each source sentence of one batch (token ids, non-empty)."""
     src, src_len = pad(ids, PAD, eos=EOS)
     state = decoder.start(src.to(device), src_len)
     first = torch.full((len(ids),), BOS, dtype=torch.long, device=device)
     max_lens = max_output_lengths(src_len - 1, max_len_ratio)
     if beam == 1:
-        return [[h] for h in search.greedy(decoder, state, first, max_lens, eos=EOS)]
+        return [[h] for h in search.greedy(decoder, state, first, max_lens, eos=EOS, stop=stop)]
     return search.beam_search(decoder, state, first, max_lens, beam, eos=EOS, length_penalty=length_penalty,
-                              nbest=nbest)
+                              nbest=nbest, stop=stop)
 
 
-def translate(model: Translator, tokenizer: SubwordTokenizer, lines: list[str], beam: int = 5, nbest: int = 1,
-              batch_size: int | None = None, max_len_ratio: float = 2.0, length_penalty: float = 1.0,
-              progress: bool = False, precision: str | Precision = "auto") -> list[list[tuple[str, float]]]:
-    """`nbest` (text, score) pairs per input line, in input order; an empty line gives empty output.
-    `batch_size` None: BATCH_SENTENCES a batch, fewer where beam x that passes BATCH_ROWS."""
+@dataclass
+class Attention:
+    """Where each target piece looked: `weights` (target x source, each row sums to 1), with the
+    source and target pieces (and </s>) that label them."""
+    weights: torch.Tensor
+    source: list[str]
+    target: list[str]
+
+
+@dataclass
+class Translation:
+    nbest: list[tuple[str, float]]  # (text, score), best first
+    attention: Attention | None = None  # of the best, where asked for and the source is not empty
+
+
+def translations(model: Translator, tokenizer: SubwordTokenizer, lines: list[str], beam: int = 5, nbest: int = 1,
+                 batch_size: int | None = None, max_len_ratio: float = 2.0, length_penalty: float = 1.0,
+                 progress: bool = False, precision: str | Precision = "auto", attention: bool = False,
+                 stop=None) -> list[Translation]:
+    """A `Translation` per input line, in input order; a line with no pieces (empty, or nothing
+    SentencePiece keeps) gives empty text and no attention. `batch_size` None: BATCH_SENTENCES a
+    batch, fewer where beam x that passes BATCH_ROWS. `attention`: the best translation is read
+    back teacher-forced, one pass a batch, so the weights are those of the text returned.
+    `stop()`, asked between batches and decoding steps, ends the call with `search.Stopped`."""
     check_limits(beam=beam, nbest=nbest, batch_size=batch_size, max_len_ratio=max_len_ratio)
     device = device_of(model)
     precision = resolve_precision(precision, device, "translator")
     batch_size = batch_size or max(1, min(BATCH_SENTENCES, BATCH_ROWS // beam))
     ids = tokenizer.encode([line.strip() for line in lines])
-    results: list[list[tuple[str, float]]] = [[("", 0.0)] * nbest for _ in lines]
+    results = [Translation([("", 0.0)] * nbest) for _ in lines]
     order = sorted((i for i in range(len(lines)) if ids[i]), key=lambda i: -len(ids[i]))
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     with decoding(model, precision) as decoder:
         for batch in tqdm(batches, desc="translating", unit="batch", disable=not progress, leave=False):
-            hyps = _search(decoder, [ids[i] for i in batch], beam, nbest, max_len_ratio, length_penalty, device)
+            if stop is not None and stop():
+                raise search.Stopped
+            hyps = _search(decoder, [ids[i] for i in batch], beam, nbest, max_len_ratio, length_penalty, device, stop)
             # one call for the batch: SentencePiece's batch decode has a fixed cost a call
             texts = iter(tokenizer.decode([h.tokens for sentence_hyps in hyps for h in sentence_hyps]))
-            for i, sentence_hyps in zip(batch, hyps):
-                results[i] = [(next(texts), h.score) for h in sentence_hyps]
+            maps = _attention(decoder, tokenizer, [ids[i] for i in batch], [h[0].tokens for h in hyps], device) \
+                if attention else [None] * len(batch)
+            for i, sentence_hyps, weights in zip(batch, hyps, maps):
+                results[i] = Translation([(next(texts), h.score) for h in sentence_hyps], weights)
     return results
+
+
+def translate(model: Translator, tokenizer: SubwordTokenizer, lines: list[str], beam: int = 5, nbest: int = 1,
+              batch_size: int | None = None, max_len_ratio: float = 2.0, length_penalty: float = 1.0,
+              progress: bool = False, precision: str | Precision = "auto") -> list[list[tuple[str, float]]]:
+    """`nbest` (text, score) pairs per input line, in input order; an empty line gives empty output."""
+    return [t.nbest for t in translations(model, tokenizer, lines, beam, nbest, batch_size, max_len_ratio,
+                                          length_penalty, progress, precision)]
+
+
+def _attention(decoder, tokenizer, sources: list[list[int]], targets: list[list[int]],
+               device: torch.device) -> list[Attention]:
+    """The attention of each source's target, read back teacher-forced in one batched pass: with
+    dropout off, the weights the search used for those pieces."""
+    src, src_len = pad(sources, PAD, eos=EOS)
+    tgt, _ = pad([[BOS] + t for t in targets], PAD)
+    weights = decoder.attention_weights(src.to(device), src_len, tgt.to(device)).float().cpu()
+    pieces = tokenizer.sp.id_to_piece
+    return [Attention(weights[i, : len(target) + 1, : len(source) + 1],
+                      [pieces(p) for p in source] + ["</s>"], [pieces(p) for p in target] + ["</s>"])
+            for i, (source, target) in enumerate(zip(sources, targets))]
 
 
 def attention_map(model: Translator, tokenizer: SubwordTokenizer, line: str, beam: int = 5,
                   max_len_ratio: float = 2.0, length_penalty: float = 1.0,
                   precision: str | Precision = "auto") -> tuple[torch.Tensor, list[str], list[str]]:
     """The attention weights (target x source, each row sums to 1) of `line`'s best translation,
-    with the source and target subwords (and </s>) that label them. The translation is decoded,
-    then read back teacher-forced: with dropout off, the same weights the search used."""
-    check_limits(beam=beam, max_len_ratio=max_len_ratio)
-    ids = tokenizer.encode([line.strip()])[0]
-    if not ids:
+    with the source and target subwords (and </s>) that label them."""
+    found = translations(model, tokenizer, [line], beam, 1, None, max_len_ratio, length_penalty,
+                         precision=precision, attention=True)[0].attention
+    if found is None:
         raise ValueError("an empty sentence has no attention to draw")
-    device = device_of(model)
-    captured = []
-    with decoding(model, resolve_precision(precision, device, "translator")) as decoder:
-        best = _search(decoder, [ids], beam, 1, max_len_ratio, length_penalty, device)[0][0]
-        hook = decoder.attention.register_forward_hook(lambda module, inputs, output: captured.append(output[1]))
-        try:
-            src, src_len = pad([ids], PAD, eos=EOS)
-            decoder(src.to(device), src_len, torch.tensor([[BOS] + best.tokens], device=device))
-        finally:
-            hook.remove()
-    weights = torch.cat(captured, dim=1)[0].float().cpu()  # one call (B, T, S), or T step calls (B, 1, S)
-    pieces = tokenizer.sp.id_to_piece
-    return weights, [pieces(i) for i in ids] + ["</s>"], [pieces(i) for i in best.tokens] + ["</s>"]
+    return found.weights, found.source, found.target
 
 
 def generate(model: CharLM, vocab: CharVocab, prompts: list[str], max_chars: int, temperature: float = 1.0,

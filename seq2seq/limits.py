@@ -31,3 +31,17 @@ def check_limits(**sizes) -> None:
                         f"{sizes.get('num_samples') or 1} x {sizes['max_chars']:,}")
 
 
+
+
+def decoder_cells(beam: int, source_lengths: list[int], max_len_ratio: float = 2.0) -> int:
+    """The most work a translation can take, in decoder rows x output steps x source positions
+    attended, summed over its sentences (of `source_lengths` pieces): what a server caps per request."""
+    import torch
+
+    from seq2seq.inference import max_output_lengths  # here: inference imports this module
+
+    if not source_lengths:
+        return 0
+    lengths = torch.tensor(source_lengths)
+    steps = max_output_lengths(lengths, max_len_ratio)
+    return int((beam * steps * (lengths + 1) * (lengths > 0)).sum())

@@ -21,6 +21,13 @@ import torch
 
 # Finished rows are dropped from the state once they are this share of it.
 SHRINK_SHARE = 0.25
+# A temperature below this samples as temperature 0 (greedy): log-probabilities divided by less
+# overflow float32, and the softmax of the result is greedy's choice anyway.
+GREEDY_BELOW = 1e-6
+
+
+class Stopped(Exception):
+    """A search's `stop()` said to stop: nobody waits for its result any more."""
 
 
 @dataclass
@@ -94,8 +101,10 @@ def output_ids(state) -> torch.Tensor | None:
 
 def _decode(model, state, first_tokens: torch.Tensor, max_lens, eos: int | None,
             choose: Callable[[torch.Tensor], torch.Tensor],
-            on_step: Callable[[torch.Tensor, torch.Tensor], None] | None = None) -> list[Hypothesis]:
-    """One token per step per row, `choose(log_probs) -> tokens`, until EOS or the row's max length."""
+            on_step: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
+            stop: Callable[[], bool] | None = None) -> list[Hypothesis]:
+    """One token per step per row, `choose(log_probs) -> tokens`, until EOS or the row's max length.
+    `stop()`, asked before each step, ends the search with `Stopped`."""
     batch, device = first_tokens.size(0), first_tokens.device
     max_lens = _as_lengths(max_lens, batch, device)
     steps = int(max_lens.max()) if batch else 0
@@ -108,6 +117,8 @@ def _decode(model, state, first_tokens: torch.Tensor, max_lens, eos: int | None,
     first_limit = int(row_max.min()) if batch else 0  # without EOS no row ends before this step
     vocab = output_ids(state)
     for t in range(steps):
+        if stop is not None and stop():
+            raise Stopped
         logits, state = model.step(tokens, state)
         step_log_probs = log_probs(logits)
         columns = choose(step_log_probs)
@@ -158,8 +169,8 @@ def _hypotheses(record, batch: int, steps: int, max_lens: torch.Tensor, eos: int
 
 
 @torch.no_grad()
-def greedy(model, state, first_tokens, max_lens, eos: int | None = None) -> list[Hypothesis]:
-    return _decode(model, state, first_tokens, max_lens, eos, _argmax)
+def greedy(model, state, first_tokens, max_lens, eos: int | None = None, stop=None) -> list[Hypothesis]:
+    return _decode(model, state, first_tokens, max_lens, eos, _argmax, stop=stop)
 
 
 @torch.no_grad()
@@ -173,7 +184,7 @@ def sample(model, state, first_tokens, max_lens, eos: int | None = None, tempera
 def sampler(temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
             generator: torch.Generator | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
     """`choose(log_probs) -> tokens`, one per row: `sample`'s rule (temperature 0: greedy)."""
-    if temperature <= 0:
+    if temperature < GREEDY_BELOW:
         return _argmax
 
     def choose(log_probs: torch.Tensor) -> torch.Tensor:
@@ -185,7 +196,10 @@ def sampler(temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
 
 def sampling_probs(log_probs: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
     """The distribution each row's token is drawn from (temperature > 0): callers that draw each row
-    with its own generator (the server's streams) share this one pass over their rows."""
+    with its own generator (the server's streams) share this one pass over their rows. The row's
+    best token is always kept, so no setting leaves a row nothing to draw."""
+    if temperature < GREEDY_BELOW:
+        return torch.zeros_like(log_probs).scatter_(1, _argmax(log_probs).unsqueeze(1), 1.0)
     logits = log_probs / temperature  # the softmax of logits shifted by a row's constant
     if 0 < top_k < logits.size(-1):
         kth = logits.topk(top_k, dim=-1).values[:, -1:]
@@ -195,6 +209,7 @@ def sampling_probs(log_probs: torch.Tensor, temperature: float, top_k: int = 0, 
         probs = sorted_logits.softmax(-1)
         # drop a token when the tokens before it already hold top_p of the mass
         drop = probs.cumsum(-1) - probs >= top_p
+        drop[:, 0] = False  # a top_p that rounds to 0 in float32 would drop every token
         logits = logits.scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
     return logits.softmax(-1)
 
@@ -212,14 +227,14 @@ def _best_continuations(log_probs: torch.Tensor, scores: torch.Tensor, width: in
 
 @torch.no_grad()
 def beam_search(model, state, first_tokens, max_lens, beam_size: int, eos: int | None = None,
-                length_penalty: float = 1.0, nbest: int = 1) -> list[list[Hypothesis]]:
+                length_penalty: float = 1.0, nbest: int = 1, stop=None) -> list[list[Hypothesis]]:
     """Batched beam search over (batch x beam) rows; returns the `nbest` best hypotheses per input.
 
     Each step takes the best 2K continuations of a sentence's K beams; those ending in EOS among
     the top K are set aside as finished (fairseq's rule), the best K others go on. A sentence is
     done when K hypotheses have finished or it reaches its max length (then its top K are
     finished as they are). Scores are log-probabilities divided by length ** length_penalty,
-    the length counting the EOS.
+    the length counting the EOS. `stop()`, asked before each step, ends the search with `Stopped`.
     """
     if nbest > beam_size:
         raise ValueError(f"nbest ({nbest}) cannot exceed the beam size ({beam_size})")
@@ -236,6 +251,8 @@ def beam_search(model, state, first_tokens, max_lens, beam_size: int, eos: int |
     n_finished = torch.zeros(batch, dtype=torch.long, device=device)
     length, vocab = 0, output_ids(state)
     while active.numel():
+        if stop is not None and stop():
+            raise Stopped
         length += 1
         logits, state = model.step(tokens, state)
         n, width = active.numel(), min(2 * k, k * logits.size(-1))

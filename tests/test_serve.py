@@ -126,15 +126,16 @@ class Blocked:
         self.limits, self.gate, self.release, self.started = limits, Gate(), threading.Event(), threading.Event()
         self.gate.ready.set()
 
-        def run(requests):
+        def run(jobs):
             self.started.set()
             self.release.wait(10)
-            return [[{"text": t, "score": 0.0, "nbest": []} for t in r.texts] for r in requests]
+            return [[{"text": t, "score": 0.0, "nbest": []} for t in job.inputs.texts] for job in jobs]
 
         worker = BatchWorker("translator", run, limits.max_batch, limits.batch_wait_ms / 1000, limits.max_queue)
         worker.start()
-        self.served = {"translator": type("Served", (), {"worker": worker, "name": "blocked",
-                                                         "describe": lambda self: {}})()}
+        pieces = type("Pieces", (), {"encode": lambda self, texts: [list(text) for text in texts]})()
+        self.served = {"translator": type("Served", (), {"worker": worker, "name": "blocked", "tokenizer": pieces,
+                                                         "max_len_ratio": 2.0, "describe": lambda self: {}})()}
 
     def live_streams(self):
         return 0
@@ -205,8 +206,11 @@ def test_a_server_without_a_kind_answers_404(tmp_path):
 
 def test_batch_worker_gathers_concurrent_requests_up_to_its_batch():
     seen = []
-    worker = BatchWorker("test", lambda inputs: seen.append(list(inputs)) or inputs, max_batch=3, wait_s=0.2,
-                         max_queue=16)
+    def run(jobs):
+        seen.append([job.inputs for job in jobs])
+        return [job.inputs for job in jobs]
+
+    worker = BatchWorker("test", run, max_batch=3, wait_s=0.2, max_queue=16)
     worker.start()
 
     async def main():

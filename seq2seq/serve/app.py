@@ -1,25 +1,35 @@
 """The HTTP API and the page: FastAPI routes over the workers of `seq2seq.serve.workers`.
 
 Every error is JSON `{"error": ..., "type": ...}` with its status; a traceback only reaches the
-server's log. Models are chosen when the server starts, never by a request.
+server's log. Models are chosen when the server starts, never by a request. `Guard` checks what
+can be checked before a request is parsed (host, key, size, how fast the body comes); a request
+whose client leaves, or whose deadline passes, abandons its work (see `seq2seq.serve.workers`).
 """
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
 import hmac
 import json
 import logging
+import re
 import threading
+import time
 from dataclasses import asdict
+from functools import cache
 from importlib import resources
 from pathlib import Path
+from typing import Annotated
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from starlette.exceptions import HTTPException
 
+from seq2seq.limits import decoder_cells
 from seq2seq.serve.limits import Limits
 from seq2seq.serve.workers import QueueFull, Stream
 
@@ -38,8 +48,21 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+def valid_unicode(text: str) -> str:
+    """JSON may carry a lone surrogate (\\ud800, or bytes ED A0 80), which no tokenizer can encode."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"not valid Unicode: a lone surrogate U+{ord(text[e.start]):04X} at character {e.start}") \
+            from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(valid_unicode)]
+
+
 class TranslateRequest(Strict):
-    texts: list[str] = Field(min_length=1)
+    texts: list[Text] = Field(min_length=1)
     beam: int = Field(5, ge=1)
     nbest: int = Field(1, ge=1)
     attention: bool = False
@@ -53,7 +76,7 @@ class TranslateRequest(Strict):
 
 
 class GenerateRequest(Strict):
-    prompt: str = ""
+    prompt: Text = ""
     max_chars: int = Field(200, ge=1)
     temperature: float = Field(0.8, ge=0.0, le=10.0)
     top_k: int = Field(0, ge=0)
@@ -63,7 +86,7 @@ class GenerateRequest(Strict):
 
 
 class ClassifyRequest(Strict):
-    texts: list[str] = Field(min_length=1)
+    texts: list[Text] = Field(min_length=1)
 
 
 def error(status: int, kind: str, message: str, headers: dict | None = None) -> JSONResponse:
@@ -95,54 +118,131 @@ class Gate:
             return self.idle.wait_for(lambda: self.in_flight == 0, timeout)
 
 
-class ApiGate:
-    """ASGI middleware: API requests in flight are counted, refused with 503 while loading or
-    draining, and a body past the limit is answered 413 before it is parsed."""
+# on every response: no MIME sniffing, no framing by other sites, no referrer sent on
+SECURITY_HEADERS = [(b"x-content-type-options", b"nosniff"), (b"x-frame-options", b"DENY"),
+                    (b"referrer-policy", b"no-referrer")]
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
 
-    def __init__(self, app, gate: Gate, limit: int):
-        self.app, self.gate, self.limit = app, gate, limit
+
+class Guard:
+    """ASGI middleware, before any parsing: a Host header this server does not answer to is 421
+    (a page elsewhere cannot reach a loopback server through DNS rebinding); API requests are
+    refused with 503 while loading or draining, 401 without a valid key, 413 past the body limit
+    and 408 when the body does not arrive within `read_timeout_s`; those in flight are counted."""
+
+    def __init__(self, app, gate: Gate, limits: Limits, keys: list[str], hosts: list[str] | None):
+        self.app, self.gate, self.limits = app, gate, limits
+        self.digests = [hashlib.sha256(key.encode()).digest() for key in keys]
+        self.hosts = None if hosts is None else {host.lower().strip("[]") for host in hosts}
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
+        if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        if self.gate.draining or not self.gate.ready.is_set():
-            state = "draining" if self.gate.draining else self.gate.failed or "loading"
-            return await error(503, "unavailable", f"the server is {state}", {"Retry-After": "1"})(scope, receive, send)
-        length = dict(scope["headers"]).get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.limit:
-            return await error(413, "too_large", f"request body of {int(length)} bytes; the limit is {self.limit}")(
-                scope, receive, send)
-        seen = 0
 
-        async def counted():
-            nonlocal seen
-            message = await receive()
-            seen += len(message.get("body", b""))
-            if seen > self.limit:
-                raise ApiError(413, "too_large", f"request body over {self.limit} bytes")
-            return message
+        async def secured(message):
+            if message["type"] == "http.response.start":
+                message["headers"] = list(message.get("headers", [])) + SECURITY_HEADERS
+            await send(message)
 
+        headers = dict(scope["headers"])
+        host = host_name(headers.get(b"host", b"").decode("latin-1"))
+        if self.hosts is not None and host and host not in self.hosts:
+            return await error(421, "misdirected", f"this server does not answer to host {host[:100]!r}")(
+                scope, receive, secured)
+        if not scope["path"].startswith("/v1/"):
+            return await self.app(scope, receive, secured)
+        try:
+            self.check(headers)
+        except ApiError as e:
+            return await error(e.status, e.kind, e.message, e.headers)(scope, receive, secured)
         self.gate.enter()
         try:
-            await self.app(scope, counted, send)
+            try:
+                body = await self.read_body(receive)
+            except ApiError as e:
+                return await error(e.status, e.kind, e.message, e.headers)(scope, receive, secured)
+            if body is None:  # the client left before its body was in
+                return
+            await self.app(scope, replay(body, receive), secured)
         finally:
             self.gate.leave()
 
+    def check(self, headers: dict) -> None:
+        if self.gate.draining or not self.gate.ready.is_set():
+            state = "draining" if self.gate.draining else self.gate.failed or "loading"
+            raise ApiError(503, "unavailable", f"the server is {state}", {"Retry-After": "1"})
+        if self.digests and not self.authorised(headers.get(b"authorization", b"")):
+            raise ApiError(401, "unauthorized", "a valid API key is needed: Authorization: Bearer KEY",
+                           {"WWW-Authenticate": "Bearer"})
+        length = headers.get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.limits.max_body_bytes:
+            raise ApiError(413, "too_large", f"request body of {int(length)} bytes; the limit is "
+                                             f"{self.limits.max_body_bytes}")
+
+    def authorised(self, header: bytes) -> bool:
+        scheme, _, given = header.partition(b" ")
+        # digests of equal length, each compared in constant time: timing tells neither which key
+        # matched nor how long the keys are
+        digest = hashlib.sha256(given.strip()).digest()
+        matched = [hmac.compare_digest(digest, key) for key in self.digests]
+        return scheme.lower() == b"bearer" and any(matched)
+
+    async def read_body(self, receive) -> bytes | None:
+        """The whole body (None if the client left), within the size limit and the read timeout."""
+        body, limit = bytearray(), self.limits.max_body_bytes
+        deadline = time.monotonic() + self.limits.read_timeout_s
+        while True:
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
+            except TimeoutError:
+                raise ApiError(408, "timeout", f"the request body did not arrive within "
+                                               f"{self.limits.read_timeout_s:g} s") from None
+            if message["type"] == "http.disconnect":
+                return None
+            body += message.get("body", b"")
+            if len(body) > limit:
+                raise ApiError(413, "too_large", f"request body over {limit} bytes")
+            if not message.get("more_body", False):
+                return bytes(body)
+
+
+def replay(body: bytes, receive):
+    """An ASGI receive that gives `body` once, then waits on the connection (for its end)."""
+    given = False
+
+    async def again():
+        nonlocal given
+        if given:
+            return await receive()
+        given = True
+        return {"type": "http.request", "body": body, "more_body": False}
+    return again
+
+
+def host_name(host: str) -> str:
+    """A Host header's name without its port, lower-case: `[::1]:8000` -> `::1`."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[1:].partition("]")[0]
+    return host.rpartition(":")[0] if host.count(":") == 1 else host
+
 
 def create_app(models, limits: Limits, api_keys: list[str] | None = None, cors_origins: list[str] | None = None,
-               gate: Gate | None = None) -> FastAPI:
-    """The app over `models` (a `seq2seq.serve.models.Models`, loaded or loading)."""
+               gate: Gate | None = None, hosts: list[str] | None = None) -> FastAPI:
+    """The app over `models` (a `seq2seq.serve.models.Models`, loaded or loading). `hosts`: the
+    Host names it answers to (None: any)."""
     # /openapi.json describes the API; no /docs page, whose Swagger UI would load from a CDN
     app = FastAPI(title="seq2seq", version="1", summary="Translation, generation and classification with "
                   "recurrent models, batched across requests.", docs_url=None, redoc_url=None)
     gate = gate or models.gate
     app.state.models, app.state.limits, app.state.gate = models, limits, gate
-    app.state.keys = [k.encode() for k in api_keys or []]
     app.add_exception_handler(ApiError, lambda request, e: error(e.status, e.kind, e.message, e.headers))
     app.add_exception_handler(RequestValidationError, invalid_request)
+    app.add_exception_handler(HTTPException, http_error)
+    app.add_exception_handler(ClientGone, lambda request, e: error(499, "client_closed", "the client left"))
     app.add_exception_handler(Exception, internal_error)
     app.include_router(router)
-    app.add_middleware(ApiGate, gate=gate, limit=limits.max_body_bytes)
+    app.add_middleware(Guard, gate=gate, limits=limits, keys=api_keys or [], hosts=hosts)
     if cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=cors_origins, allow_methods=["GET", "POST"],
                            allow_headers=["authorization", "content-type"])
@@ -156,21 +256,26 @@ async def invalid_request(request: Request, e: RequestValidationError) -> JSONRe
     return error(422, "invalid_request", f"{where}: {message}" if where else message)
 
 
+HTTP_KINDS = {400: "bad_request", 404: "not_found", 405: "method_not_allowed"}
+
+
+async def http_error(request: Request, e: HTTPException) -> JSONResponse:
+    """Starlette's and FastAPI's own errors (no route, wrong method, a body that is not JSON) in
+    the one shape."""
+    if e.status_code == 404:
+        message = f"no route {request.url.path[:200]}"
+    elif e.status_code == 405:
+        message = f"{request.method} is not allowed on {request.url.path[:200]}"
+    elif e.status_code == 400 and e.__cause__ is not None:
+        message = f"the body is not JSON that can be read: {str(e.__cause__)[:200]}"
+    else:
+        message = str(e.detail)
+    return error(e.status_code, HTTP_KINDS.get(e.status_code, "http_error"), message, e.headers)
+
+
 async def internal_error(request: Request, e: Exception) -> JSONResponse:
     log.exception("%s %s failed", request.method, request.url.path, exc_info=e)
     return error(500, "internal", "internal error; the server's log has the details")
-
-
-def authorise(request: Request) -> None:
-    keys = request.app.state.keys
-    if not keys:
-        return
-    scheme, _, given = request.headers.get("authorization", "").partition(" ")
-    # every key is compared, each in constant time, so timing tells nothing of which matched
-    matched = [hmac.compare_digest(given.strip().encode(), key) for key in keys]
-    if scheme.lower() != "bearer" or not any(matched):
-        raise ApiError(401, "unauthorized", "a valid API key is needed: Authorization: Bearer KEY",
-                       {"WWW-Authenticate": "Bearer"})
 
 
 def check_texts(texts: list[str], limits: Limits) -> None:
@@ -182,33 +287,69 @@ def check_texts(texts: list[str], limits: Limits) -> None:
 
 
 def served_model(request: Request, kind: str):
-    authorise(request)
     served = request.app.state.models.served.get(kind)
     if served is None:
         raise ApiError(404, "not_found", f"this server has no {kind} model")
     return served
 
 
-async def result_of(worker, inputs, size: int, timeout_s: float):
+class ClientGone(Exception):
+    """The client closed its connection before its answer was ready."""
+
+
+async def client_left(request: Request) -> None:
+    """Returns when the client closes the connection (its body has been read by then)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def answer(request: Request, future: asyncio.Future, timeout_s: float):
+    """`future`'s result; 504 past `timeout_s`; `ClientGone` when the client leaves first."""
+    gone = asyncio.ensure_future(client_left(request))
+    try:
+        done, _ = await asyncio.wait({future, gone}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+    if future in done:
+        return future.result()
+    if gone in done:
+        raise ClientGone
+    raise ApiError(504, "timeout", f"no result within {timeout_s:g} s")
+
+
+async def result_of(request: Request, worker, inputs, size: int, timeout_s: float):
     """The worker's result for `inputs`: 429 when its queue is full, 504 past the deadline."""
     try:
         job = worker.submit(inputs, size)
     except QueueFull:
         raise ApiError(429, "overloaded", "the queue is full; retry later", {"Retry-After": "1"}) from None
     try:
-        return await asyncio.wait_for(asyncio.shield(job.future), timeout_s)
-    except asyncio.TimeoutError:
-        raise ApiError(504, "timeout", f"no result within {timeout_s:g} s") from None
+        return await answer(request, job.future, timeout_s)
     finally:
-        job.abandoned = True  # done, timed out or the client left: a worker that has not started it skips it
+        job.abandoned = True  # answered, timed out or the client left: the worker skips or stops it
 
 
 router = APIRouter()
 
 
+@cache
+def page_and_policy() -> tuple[str, str]:
+    """The page, and a Content-Security-Policy that lets only its own inline script and style run
+    and its scripts reach only this server."""
+    html = resources.files("seq2seq.serve").joinpath("page.html").read_text(encoding="utf-8")
+
+    def hashes(tag: str) -> str:
+        found = re.findall(f"<{tag}>(.*?)</{tag}>", html, re.S)
+        return " ".join(f"'sha256-{base64.b64encode(hashlib.sha256(x.encode()).digest()).decode()}'" for x in found)
+    policy = (f"default-src 'none'; script-src {hashes('script')}; style-src {hashes('style')}; "
+              "connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+    return html, policy
+
+
 @router.get("/", response_class=HTMLResponse, include_in_schema=False)
 async def page():
-    return HTMLResponse(resources.files("seq2seq.serve").joinpath("page.html").read_text(encoding="utf-8"))
+    html, policy = page_and_policy()
+    return HTMLResponse(html, headers={"Content-Security-Policy": policy})
 
 
 @router.get("/health")
@@ -224,7 +365,6 @@ async def health(request: Request):
 
 @router.get("/v1/models")
 async def list_models(request: Request):
-    authorise(request)
     state = request.app.state
     return {"models": [served.describe() for served in state.models.served.values()], "limits": asdict(state.limits)}
 
@@ -235,7 +375,13 @@ async def translate(body: TranslateRequest, request: Request):
     if body.beam > limits.max_beam:
         raise ApiError(422, "invalid_request", f"beam: {body.beam}; the limit is {limits.max_beam}")
     check_texts(body.texts, limits)
-    translations = await result_of(served.worker, body, len(body.texts), limits.timeout_s)
+    lengths = [len(ids) for ids in served.tokenizer.encode([text.strip() for text in body.texts])]
+    cells = decoder_cells(body.beam, lengths, served.max_len_ratio)
+    if cells > limits.max_work:
+        raise ApiError(413, "too_large", f"texts: beam x output steps x source pieces comes to {cells:,} for this "
+                                         f"request; the limit is {limits.max_work:,} (fewer or shorter texts, or "
+                                         "a smaller beam)")
+    translations = await result_of(request, served.worker, body, len(body.texts), limits.timeout_s)
     return JSONResponse({"model": served.name, "translations": translations})  # plain JSON: no encoder pass
 
 
@@ -243,7 +389,7 @@ async def translate(body: TranslateRequest, request: Request):
 async def classify(body: ClassifyRequest, request: Request):
     served, limits = served_model(request, "classifier"), request.app.state.limits
     check_texts(body.texts, limits)
-    labels = await result_of(served.worker, body.texts, len(body.texts), limits.timeout_s)
+    labels = await result_of(request, served.worker, body.texts, len(body.texts), limits.timeout_s)
     return JSONResponse({"model": served.name, "labels": labels})
 
 
@@ -256,9 +402,15 @@ async def generate(body: GenerateRequest, request: Request):
     if len(body.prompt) > limits.max_line_chars:
         raise ApiError(413, "too_large", f"prompt: {len(body.prompt)} characters; the limit is {limits.max_line_chars}")
     pieces: asyncio.Queue = asyncio.Queue()
-    stream = Stream(body.prompt, body.max_chars, body.temperature, body.top_k, body.top_p, body.seed,
-                    lambda piece, done: pieces.put_nowait((piece, done)), asyncio.get_running_loop(),
-                    pieces=body.stream)
+    whole = asyncio.get_running_loop().create_future()
+
+    def deliver(piece, done):
+        if body.stream:
+            pieces.put_nowait((piece, done))
+        elif done and not whole.done():
+            whole.set_result(piece)  # unstreamed: the whole text (or the error), once
+    stream = Stream(body.prompt, body.max_chars, body.temperature, body.top_k, body.top_p, body.seed, deliver,
+                    asyncio.get_running_loop(), pieces=body.stream)
     try:
         served.worker.submit(stream)
     except QueueFull:
@@ -266,20 +418,13 @@ async def generate(body: GenerateRequest, request: Request):
     if body.stream:
         return StreamingResponse(events(stream, pieces, limits.timeout_s), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-    text = []
     try:
-        async with asyncio.timeout(limits.timeout_s):
-            done = False
-            while not done:  # one piece, the whole text, unless the stream was asked for
-                piece, done = await pieces.get()
-                if isinstance(piece, Exception):
-                    raise piece
-                text.append(piece)
-    except TimeoutError:
-        raise ApiError(504, "timeout", f"no result within {limits.timeout_s:g} s") from None
+        text = await answer(request, whole, limits.timeout_s)
     finally:
-        stream.abandoned = True
-    return JSONResponse({"model": served.name, "prompt": body.prompt, "text": "".join(text)})
+        stream.abandoned = True  # answered, timed out or the client left: the stream leaves the batch
+    if isinstance(text, Exception):
+        raise text
+    return JSONResponse({"model": served.name, "prompt": body.prompt, "text": text})
 
 
 async def events(stream: Stream, pieces: asyncio.Queue, timeout_s: float):

@@ -13,12 +13,14 @@ OPTION_HELP = {
     "max_line_chars": "a text (or prompt) over this many characters is refused with 413",
     "max_texts": "texts in one request (422 past it)",
     "max_beam": "the largest beam a request may ask for (422 past it)",
+    "max_work": "a translate request's beam x output steps x source pieces, over all its texts (413 past it)",
     "max_chars": "the most characters a generation may ask for (422 past it)",
     "max_batch": "texts (or streams) decoded together; 1 turns batching across requests off",
     "batch_wait_ms": "how long a batch waits for more requests after its first",
     "max_queue": "requests waiting per model before new ones get 429",
     "max_streams": "generations decoded together; more wait their turn",
-    "timeout_s": "a request without its result after this gets 504",
+    "timeout_s": "a request without its result after this gets 504; its work stops",
+    "read_timeout_s": "a request's headers, and then its body, must arrive within this (408 past it)",
 }
 
 

@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from seq2seq import inference
+from seq2seq import inference, search
 from seq2seq.device import resolve_precision
 from seq2seq.serve.workers import BatchWorker, StreamWorker
 
@@ -24,54 +25,70 @@ class ServedModel:
     parameters: int
     worker: BatchWorker | StreamWorker
     precision: str
+    tokenizer: object = None
+    max_len_ratio: float = 2.0
+    description: dict | None = None
 
     def describe(self) -> dict:
-        metrics_file = self.folder / "metrics.json"
-        metrics = json.loads(metrics_file.read_text(encoding="utf-8")) if metrics_file.is_file() else {}
-        scores = {k: v for k, v in (metrics.get("best") or {}).items() if k.startswith(("dev_", "valid_"))}
-        scores.update({f"test_{k}": v for k, v in (metrics.get("test") or {}).items()})
-        card = self.folder / "README.md"
-        return {"name": self.name, "kind": self.kind, "parameters": self.parameters, "precision": self.precision,
-                "scores": scores, "model_card": card.name if card.is_file() else None}
+        """Name, kind, size, precision and scores, read from the folder once: a request never
+        touches the disk, and a non-finite score (which JSON cannot hold) is null."""
+        if self.description is None:
+            metrics_file = self.folder / "metrics.json"
+            try:
+                metrics = json.loads(metrics_file.read_text(encoding="utf-8")) if metrics_file.is_file() else {}
+            except (OSError, ValueError) as e:
+                log.warning("%s: scores not read (%s)", metrics_file, e)
+                metrics = {}
+            metrics = metrics if isinstance(metrics, dict) else {}
+            scores = {k: v for k, v in (metrics.get("best") or {}).items() if k.startswith(("dev_", "valid_"))}
+            scores.update({f"test_{k}": v for k, v in (metrics.get("test") or {}).items()})
+            scores = {k: v if isinstance(v, (int, float)) and math.isfinite(v) else None for k, v in scores.items()}
+            card = self.folder / "README.md"
+            self.description = {"name": self.name, "kind": self.kind, "parameters": self.parameters,
+                                "precision": self.precision, "scores": scores,
+                                "model_card": card.name if card.is_file() else None}
+        return self.description
 
 
 def translate_batch(model, tokenizer, precision):
     """A `BatchWorker` call: translation requests (with their own beam, n-best and attention) as
-    few decodes as their beam sizes allow."""
-    def run(requests: list) -> list:
+    few decodes as their settings allow. A group whose clients have all gone is skipped, and a
+    decode stops at the step after its last client leaves."""
+    def run(jobs: list) -> list:
+        requests = [job.inputs for job in jobs]
         results: list = [None] * len(requests)
-        for beam in sorted({r.beam for r in requests}):
-            group = [i for i, r in enumerate(requests) if r.beam == beam]
-            for penalty in sorted({requests[i].length_penalty for i in group}):
-                chosen = [i for i in group if requests[i].length_penalty == penalty]
-                texts = [text for i in chosen for text in requests[i].texts]
-                nbest = max(requests[i].nbest for i in chosen)
-                hyps = iter(inference.translate(model, tokenizer, texts, beam=beam, nbest=nbest,
-                                                length_penalty=penalty, precision=precision))
-                for i in chosen:
-                    results[i] = [_translation(next(hyps)[: requests[i].nbest]) for _ in requests[i].texts]
-        for request, translations in zip(requests, results):
-            if request.attention:
-                for text, translation in zip(request.texts, translations):
-                    translation["attention"] = _attention(model, tokenizer, text, request, precision)
+        groups: dict[tuple, list[int]] = {}
+        for i, r in enumerate(requests):
+            groups.setdefault((r.beam, r.length_penalty, r.attention), []).append(i)
+        for (beam, penalty, attention), chosen in sorted(groups.items()):
+            if all(jobs[i].abandoned for i in chosen):
+                continue
+            texts = [text for i in chosen for text in requests[i].texts]
+            nbest = max(requests[i].nbest for i in chosen)
+            done = iter(inference.translations(model, tokenizer, texts, beam=beam, nbest=nbest,
+                                               length_penalty=penalty, precision=precision, attention=attention,
+                                               stop=lambda: all(jobs[i].abandoned for i in chosen)))
+            for i in chosen:
+                results[i] = [_translation(next(done), requests[i].nbest, attention) for _ in requests[i].texts]
+        if all(result is None for result in results):
+            raise search.Stopped
         return results
     return run
 
 
-def _translation(hyps: list[tuple[str, float]]) -> dict:
-    return {"text": hyps[0][0], "score": hyps[0][1], "nbest": [{"text": t, "score": s} for t, s in hyps]}
-
-
-def _attention(model, tokenizer, text: str, request, precision) -> dict | None:
-    if not text.strip():
-        return None
-    weights, source, target = inference.attention_map(model, tokenizer, text, beam=request.beam,
-                                                      length_penalty=request.length_penalty, precision=precision)
-    return {"source": source, "target": target, "weights": [[round(w, 5) for w in row] for row in weights.tolist()]}
+def _translation(found: inference.Translation, nbest: int, attention: bool) -> dict:
+    hyps = found.nbest[:nbest]
+    out = {"text": hyps[0][0], "score": hyps[0][1], "nbest": [{"text": t, "score": s} for t, s in hyps]}
+    if attention:
+        a = found.attention
+        out["attention"] = None if a is None else {
+            "source": a.source, "target": a.target, "weights": [[round(w, 5) for w in row] for row in a.weights.tolist()]}
+    return out
 
 
 def classify_batch(model, tokenizer, cfg, precision):
-    def run(requests: list[list[str]]) -> list:
+    def run(jobs: list) -> list:
+        requests = [job.inputs for job in jobs]
         texts = [text for texts in requests for text in texts]
         labels = iter(inference.classify(model, tokenizer, texts, cfg.data.normalize, cfg.data.max_tokens,
                                          precision=precision))
@@ -101,9 +118,9 @@ class Models:
             for kind, folder in self.folders.items():
                 self.served[kind] = self.load(kind, folder)
                 log.info("serving %s %s (%s)", kind, folder, self.served[kind].precision)
-        except Exception as e:  # the server stays up and says so: /health 503 with the reason
+        except Exception:  # the server stays up and says so: /health 503, the reason in the log only
             log.exception("loading the models failed")
-            self.gate.failed = f"loading the models failed: {e}"
+            self.gate.failed = "loading the models failed; the server's log says why"
             return
         self.gate.ready.set()
 
@@ -121,8 +138,10 @@ class Models:
                 classify_batch(model, tokenizer, cfg, precision)
             worker = BatchWorker(kind, run, limits.max_batch, limits.batch_wait_ms / 1000, limits.max_queue)
         worker.start()
-        return ServedModel(Path(folder).name, kind, Path(folder), sum(p.numel() for p in model.parameters()),
-                           worker, precision.name)
+        served = ServedModel(Path(folder).name, kind, Path(folder), sum(p.numel() for p in model.parameters()),
+                             worker, precision.name, tokenizer)
+        served.describe()
+        return served
 
     def live_streams(self) -> int:
         served = self.served.get("charlm")

@@ -4,6 +4,11 @@ loop never runs a model and requests that arrive together share one batched call
 `BatchWorker` gathers the jobs that arrive within `wait_s` of the first (up to `max_batch` texts)
 into one call; `StreamWorker` decodes every live generation as one batch, one character a step,
 admitting new streams and dropping finished or abandoned ones between steps (continuous batching).
+
+One request fails only itself: a batch that fails is run again one job at a time, and streams are
+sampled in groups of like settings, each group on its own. Nobody's work outlives its client: a
+job is abandoned when its client leaves or its deadline passes, and a batch whose jobs are all
+abandoned stops at its next decoding step.
 """
 from __future__ import annotations
 
@@ -48,7 +53,8 @@ class Job:
 
 
 class BatchWorker(threading.Thread):
-    """Runs `run_batch(inputs list) -> results list` on the jobs gathered from its queue."""
+    """Runs `run_batch(jobs) -> results` (one per job) on the jobs gathered from its queue; it may
+    raise `search.Stopped` once every job is abandoned."""
 
     def __init__(self, name: str, run_batch: Callable[[list], list], max_batch: int, wait_s: float, max_queue: int):
         super().__init__(name=f"{name}-worker", daemon=True)
@@ -96,21 +102,32 @@ class BatchWorker(threading.Thread):
             if first is None:
                 return
             jobs = [job for job in self.gather(first, backlog) if not job.abandoned]
-            if not jobs:
-                continue
-            started = time.perf_counter()
-            try:
-                results = self.run_batch([job.inputs for job in jobs])
-            except Exception as e:  # the requests fail; the worker serves the next ones
-                log.exception("%s: batch failed", self.name)
+            if jobs:
+                self.run_jobs(jobs)
+
+    def run_jobs(self, jobs: list[Job]) -> None:
+        """One call for `jobs`; where it fails, one call per job, so that a request that breaks
+        the batch fails alone and the others get their results."""
+        started = time.perf_counter()
+        try:
+            results = self.run_batch(jobs)
+        except search.Stopped:  # every client has gone: nobody to answer
+            return
+        except Exception as e:
+            if len(jobs) > 1:
+                log.warning("%s: a batch of %d requests failed (%s); running them one at a time", self.name,
+                            len(jobs), e)
                 for job in jobs:
-                    job.resolve(error=e)
-                continue
-            self.batches += 1
-            self.texts += sum(job.size for job in jobs)
-            self.busy_s += time.perf_counter() - started
-            for job, result in zip(jobs, results):
-                job.resolve(result)
+                    self.run_jobs([job])
+                return
+            log.exception("%s: a request failed", self.name)
+            jobs[0].resolve(error=e)
+            return
+        self.batches += 1
+        self.texts += sum(job.size for job in jobs)
+        self.busy_s += time.perf_counter() - started
+        for job, result in zip(jobs, results):
+            job.resolve(result)
 
 
 @dataclass
@@ -182,25 +199,38 @@ class StreamWorker(threading.Thread):
                 break
             if stream.abandoned:
                 continue
-            prompt = stream.prompt or "\n"  # an empty prompt starts as after a line break
-            ids = torch.tensor([self.vocab.encode(prompt, warn=False)], dtype=torch.long)
-            own = decoder.start(ids)["hidden"]
-            if own is None:  # a one-character prompt: the zero state the model starts from
-                own = _zero_state(self.model)
-            stream.generator = torch.Generator().manual_seed(stream.seed if stream.seed is not None
-                                                             else int(torch.randint(2**62, ())))
+            try:
+                own, last = self.prompt_state(decoder, stream)
+            except Exception as e:  # this stream fails alone
+                log.exception("generate: a stream failed to start")
+                stream.loop.call_soon_threadsafe(_deliver_all, [(stream, e, True)])
+                continue
             state = own if state is None else _concat(state, own)
-            tokens = ids[:, -1] if tokens is None else torch.cat([tokens, ids[:, -1]])
+            tokens = last if tokens is None else torch.cat([tokens, last])
             self.live.append(stream)
         return state, tokens
 
+    def prompt_state(self, decoder, stream: Stream):
+        """The state after `stream`'s prompt and its last character, read alone."""
+        prompt = stream.prompt or "\n"  # an empty prompt starts as after a line break
+        ids = torch.tensor([self.vocab.encode(prompt, warn=False)], dtype=torch.long)
+        own = decoder.start(ids)["hidden"]
+        if own is None:  # a one-character prompt: the zero state the model starts from
+            own = _zero_state(self.model)
+        stream.generator = torch.Generator().manual_seed(stream.seed if stream.seed is not None
+                                                         else int(torch.randint(2**62, ())))
+        return own, ids[:, -1]
+
     def step(self, decoder, state, tokens):
         logits, after = decoder.step(tokens, {"hidden": state})
-        chosen = self.sample(search.log_probs(logits))
+        chosen, failed = self.sample(search.log_probs(logits))
         pieces = [self.vocab.chars[t] for t in chosen.tolist()]
         self.steps += 1
         updates, keep = [], []
         for i, (stream, piece) in enumerate(zip(self.live, pieces)):
+            if i in failed:
+                updates.append((stream, failed[i], True))
+                continue
             stream.produced += 1
             done = stream.produced >= stream.max_chars
             if not stream.pieces:
@@ -221,21 +251,27 @@ class StreamWorker(threading.Thread):
             return select_rows(hidden, index), chosen.index_select(0, index)
         return hidden, chosen
 
-    def sample(self, log_probs: torch.Tensor) -> torch.Tensor:
+    def sample(self, log_probs: torch.Tensor) -> tuple[torch.Tensor, dict[int, Exception]]:
         """Each stream's next token, drawn with its own generator as `search.sample` draws it;
-        streams that sample alike share one pass over their rows."""
+        streams that sample alike share one pass over their rows, and a group whose draw fails
+        fails alone: {row: error} for its rows."""
         groups: dict[tuple, list[int]] = {}
         for i, stream in enumerate(self.live):
             groups.setdefault((stream.temperature, stream.top_k, stream.top_p), []).append(i)
-        chosen = torch.empty(len(self.live), dtype=torch.long)
+        chosen = torch.zeros(len(self.live), dtype=torch.long)
+        failed: dict[int, Exception] = {}
         for (temperature, top_k, top_p), rows in groups.items():
-            if temperature <= 0:
-                chosen[rows] = search.sampler(0.0)(log_probs[rows])
-                continue
-            probs = search.sampling_probs(log_probs[rows], temperature, top_k, top_p)
-            for j, i in enumerate(rows):
-                chosen[i] = torch.multinomial(probs[j : j + 1], 1, generator=self.live[i].generator)[0, 0]
-        return chosen
+            try:
+                if temperature < search.GREEDY_BELOW:
+                    chosen[rows] = search.sampler(0.0)(log_probs[rows])
+                    continue
+                probs = search.sampling_probs(log_probs[rows], temperature, top_k, top_p)
+                for j, i in enumerate(rows):
+                    chosen[i] = torch.multinomial(probs[j : j + 1], 1, generator=self.live[i].generator)[0, 0]
+            except Exception as e:
+                log.exception("generate: sampling failed for %d stream(s)", len(rows))
+                failed.update((i, e) for i in rows)
+        return chosen, failed
 
 
 def _deliver_all(updates: list) -> None:
