@@ -118,9 +118,11 @@ def add_generate_parser(sub) -> None:
 
 
 def add_evaluate_parser(sub) -> None:
-    p = sub.add_parser("evaluate", help="BLEU/chrF of a translator; bits/char or continuation BLEU of a character model")
+    p = sub.add_parser("evaluate", help="BLEU/chrF of a translator; bits/char or continuation BLEU of a character "
+                       "model; accuracy and F1 of a classifier")
     p.add_argument("-m", "--model", type=Path, help="model folder (default: the released model of the kind the "
-                   "inputs ask for: checkpoints/en-fr for --src/--ref or --tsv, checkpoints/shakespeare for --text)")
+                   "inputs ask for: checkpoints/en-fr for --src/--ref or --tsv, checkpoints/sst2 for a --tsv whose "
+                   "header names a label column (or a .jsonl), checkpoints/shakespeare for --text)")
     p.add_argument("--src", type=Path, help="translator: source sentences")
     p.add_argument("--ref", type=Path, help="translator: reference translations")
     p.add_argument("--tsv", type=Path, help="translator: a test set of source<TAB>reference lines; classifier: a "
@@ -368,8 +370,8 @@ def cmd_evaluate(args) -> None:
     if args.text and (args.src or args.ref or args.tsv):
         raise UserError("--text scores a character model, --src/--ref or --tsv a translator: give one kind")
     check_outputs(args.hyp_output)
-    cfg, model, tokenizer = checkpoint.load(args.model or released_model("charlm" if args.text else "translator"),
-                                            device=args.device)
+    kind = "charlm" if args.text else "classifier" if args.tsv and labelled_file(args.tsv) else "translator"
+    cfg, model, tokenizer = checkpoint.load(args.model or released_model(kind), device=args.device)
     started = time.perf_counter()
     if cfg.kind == "translator":
         result = evaluate_translator(args, model, tokenizer)
@@ -383,6 +385,19 @@ def cmd_evaluate(args) -> None:
     else:
         for key, value in result.items():
             print(f"{key}: {value}")
+
+
+def labelled_file(path: Path) -> bool:
+    """A classifier's test file: JSON lines, or a header line naming a `label` column (a parallel
+    corpus has no header)."""
+    if path.suffix == ".jsonl":
+        return True
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            header = f.readline().rstrip("\r\n")
+    except OSError:
+        return False  # the reader that follows says what is wrong with it
+    return "label" in [field.strip().lower() for field in header.split("," if path.suffix == ".csv" else "\t")]
 
 
 def evaluate_translator(args, model, tokenizer) -> dict:
@@ -400,6 +415,11 @@ def evaluate_translator(args, model, tokenizer) -> dict:
         raise UserError("evaluating a translator needs --src and --ref, or --tsv")
     if not pairs:
         raise UserError(f"{args.tsv or args.src}: no sentence pairs to evaluate")
+    sources = {s.strip() for s, _ in pairs}
+    if len(pairs) >= 10 and len(sources) <= 5:
+        raise UserError(f"{args.tsv or args.src}: the source side holds only {', '.join(sorted(sources)[:5])}: "
+                        "labels, not sentences? A classifier's file needs a header line naming its "
+                        "label column")
     started = time.perf_counter()
     beam, choice = args.beam or 5, precision(args, "translator")
     hyps = translate(model, tokenizer, [s for s, _ in pairs], beam=beam, batch_size=args.batch_size,

@@ -142,3 +142,20 @@ def test_fine_tuning_starts_from_a_models_weights_and_tokenizer(tiny_translator_
     assert json.loads(result.stdout)["best"]["dev_bleu"] > 50  # a model trained from scratch for one epoch: ~0
     first = json.loads((tmp_path / "cli" / "metrics.jsonl").read_text(encoding="utf-8").splitlines()[0])
     assert first == {"type": "init", "step": 0, "from": str(tiny_model.resolve())}
+
+
+def test_evaluate_without_a_model_picks_the_classifier_for_a_labelled_file_and_refuses_bare_labels(tmp_path):
+    import json
+
+    from conftest import assert_one_line_error, run_cli
+
+    labelled = tmp_path / "reviews.tsv"
+    labelled.write_text("label\tcontent\n" + "1\ta wonderful, moving film .\n0\ta dull and tedious mess .\n" * 5)
+    result = run_cli("evaluate", "--tsv", labelled, "--json", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    scores = json.loads(result.stdout)
+    assert scores["examples"] == 10 and scores["accuracy"] == 1.0 and "bleu" not in scores
+    bare = tmp_path / "bare.tsv"
+    bare.write_text("1\ta wonderful, moving film .\n0\ta dull and tedious mess .\n" * 5)
+    result = run_cli("evaluate", "--tsv", bare, "--json", cwd=tmp_path)
+    assert_one_line_error(result, "bare.tsv: the source side holds only 0, 1: labels, not sentences?")

@@ -166,3 +166,38 @@ def test_two_stage_argmax_and_topk_equal_torchs(vocab):
     some_tied[::2, [2, 65]] = 99.0  # ties in some rows only
     assert torch.equal(search._argmax(some_tied), some_tied.argmax(-1))
     assert search._argmax(x[:0]).numel() == 0
+
+
+def test_sampling_settings_that_underflow_give_a_distribution():
+    torch.manual_seed(0)
+    log_probs = torch.log_softmax(torch.randn(3, 50), -1)
+    best = log_probs.argmax(-1)
+    for temperature, top_p in ((1e-300, 1.0), (5e-324, 1.0), (1.0, 1e-300), (0.8, 5e-324), (1e-7, 1e-300)):
+        probs = search.sampling_probs(log_probs, temperature, 0, top_p)
+        assert torch.isfinite(probs).all() and torch.allclose(probs.sum(-1), torch.ones(3))
+        assert torch.equal(probs.argmax(-1), best) and torch.equal(probs.max(-1).values, torch.ones(3))
+        assert torch.equal(search.sampler(temperature, 0, top_p)(log_probs), best)
+    wide = search.sampling_probs(log_probs, 1.0, 0, 0.9)  # an ordinary top-p keeps more than one token
+    assert ((wide > 0).sum(-1) > 1).all()
+
+
+@pytest.mark.parametrize("beam", [1, 4])
+def test_stop_ends_a_search_before_the_next_step(beam):
+    model = small_translator()
+    src, src_len = random_batch(seed=3, batch=5)
+    asked = []
+
+    def stop():
+        asked.append(1)
+        return len(asked) > 3
+
+    steps = []
+    step = model.step
+    model.step = lambda tokens, state: steps.append(1) or step(tokens, state)
+    state, first, max_lens = translator_start(model, src, src_len)
+    with pytest.raises(search.Stopped):
+        if beam == 1:
+            search.greedy(model, state, first, max_lens, eos=EOS, stop=stop)
+        else:
+            search.beam_search(model, state, first, max_lens, beam, eos=EOS, stop=stop)
+    assert len(steps) == 3  # three steps ran, the fourth was never taken

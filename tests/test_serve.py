@@ -171,7 +171,7 @@ def test_a_full_queue_gets_429_with_retry_after_and_a_late_result_504():
 
 
 def test_api_keys_are_required_when_given(served, tmp_path):
-    with TestClient(create_app(served, served.limits, api_keys=["s3cret", "other"])) as client:
+    with TestClient(create_app(served, served.limits, api_keys=["s3cret-s3cret-s3cret", "other"])) as client:
         assert client.post("/v1/classify", json={"texts": ["good"]}).status_code == 401
         wrong = client.post("/v1/classify", json={"texts": ["good"]}, headers={"authorization": "Bearer nope"})
         assert wrong.status_code == 401 and wrong.headers["www-authenticate"] == "Bearer"
@@ -235,10 +235,17 @@ def test_serve_refuses_a_missing_model_folder_a_busy_port_and_a_bad_key_file_in_
         port = busy.getsockname()[1]
         result = run_cli("serve", "--classifier", RELEASED["classifier"], "--port", port)
         assert_one_line_error(result, f"cannot listen on 127.0.0.1:{port}", "in use")
-    (tmp_path / "keys.txt").write_text("# no key here\n\n")
-    result = run_cli("serve", "--classifier", RELEASED["classifier"], "--port", "0", "--api-key-file",
-                     tmp_path / "keys.txt")
+    keys = tmp_path / "keys.txt"
+    keys.write_text("# no key here\n\n")
+    keys.chmod(0o644)
+    result = run_cli("serve", "--classifier", RELEASED["classifier"], "--port", "0", "--api-key-file", keys)
+    assert_one_line_error(result, "keys.txt: readable by others (mode 644); run chmod 600")
+    keys.chmod(0o600)
+    result = run_cli("serve", "--classifier", RELEASED["classifier"], "--port", "0", "--api-key-file", keys)
     assert_one_line_error(result, "keys.txt: no API key in the file")
+    keys.write_text("# a short key\nshort-key\n")
+    result = run_cli("serve", "--classifier", RELEASED["classifier"], "--port", "0", "--api-key-file", keys)
+    assert_one_line_error(result, "keys.txt, line 2: a key of 9 characters; keys need at least 16")
 
 
 def documented_requests():
@@ -306,3 +313,104 @@ def test_streams_decoded_together_each_equal_their_own_generation(cell):
         alone = inference.generate(model, vocab, [prompt], chars, temperature=temperature, seed=seed, precision=FP32)[0]
         assert text == alone and len(text) == chars
     assert worker.steps == max(chars for _, chars, _, _ in asks)
+
+
+def test_a_batch_that_fails_is_rerun_job_by_job_so_only_the_culprit_fails():
+    batches = []
+
+    def run(jobs):
+        batches.append([job.inputs for job in jobs])
+        if "poison" in [job.inputs for job in jobs]:
+            raise ValueError("poisoned")
+        return [job.inputs.upper() for job in jobs]
+
+    worker = BatchWorker("test", run, max_batch=8, wait_s=0.2, max_queue=16)
+    worker.start()
+
+    async def main():
+        jobs = [worker.submit(text) for text in ("a", "poison", "b", "c")]
+        return await asyncio.gather(*(job.future for job in jobs), return_exceptions=True)
+
+    results = asyncio.run(main())
+    worker.stop()
+    assert results[0] == "A" and results[2:] == ["B", "C"]
+    assert isinstance(results[1], ValueError)
+    assert batches == [["a", "poison", "b", "c"], ["a"], ["poison"], ["b"], ["c"]]
+
+
+def test_a_stream_group_whose_sampling_fails_fails_alone(monkeypatch):
+    from seq2seq import search
+    from seq2seq.config import CharLMModel
+    from seq2seq.device import FP32
+    from seq2seq.models.charlm import CharLM
+    from seq2seq.serve.workers import Stream, StreamWorker
+    from seq2seq.tokenizer import CharVocab
+
+    real = search.sampling_probs
+
+    def fragile(log_probs, temperature, top_k=0, top_p=1.0):
+        if top_k == 13:
+            raise RuntimeError("this group's arithmetic failed")
+        return real(log_probs, temperature, top_k, top_p)
+
+    monkeypatch.setattr(search, "sampling_probs", fragile)
+    torch.manual_seed(0)
+    vocab = CharVocab.build("abcdefgh \n")
+    model = CharLM(CharLMModel(cell="lstm", emb_dim=8, hidden=12, layers=1, dropout=0.0), len(vocab.chars)).eval()
+    worker = StreamWorker(model, vocab, FP32, max_streams=8, max_queue=16)
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        outcomes = [loop.create_future() for _ in range(3)]
+
+        def deliver_to(i):
+            return lambda piece, done: done and not outcomes[i].done() and outcomes[i].set_result(piece)
+        for i, top_k in enumerate((0, 13, 5)):
+            worker.submit(Stream("ab", 30, 1.0, top_k, 1.0, i, deliver_to(i), loop, pieces=False))
+        worker.start()
+        return await asyncio.gather(*outcomes)
+
+    results = asyncio.run(main())
+    worker.stop()
+    assert isinstance(results[1], RuntimeError)
+    assert len(results[0]) == len(results[2]) == 30
+
+
+def test_the_key_is_checked_before_the_body_is_read(served):
+    with TestClient(create_app(served, served.limits, api_keys=["a-key-of-twenty-chars"])) as client:
+        anonymous = client.post("/v1/translate", content=b"{not json", headers={"content-type": "application/json"})
+        assert anonymous.status_code == 401 and set(anonymous.json()) == {"error", "type"}
+        short = client.post("/v1/translate", json={"texts": ["a"]}, headers={"authorization": "Bearer a-key"})
+        assert short.status_code == 401  # a prefix of the key is no key
+
+
+def test_models_are_described_once_and_a_nan_score_is_null(tmp_path):
+    import json
+    import shutil
+
+    folder = tmp_path / "sst2"
+    shutil.copytree(RELEASED["classifier"], folder)
+    metrics = json.loads((folder / "metrics.json").read_text())
+    metrics["best"]["dev_accuracy"] = float("nan")
+    (folder / "metrics.json").write_text(json.dumps(metrics))
+    models = loaded(Limits(), {"classifier": folder})
+    try:
+        with TestClient(create_app(models, models.limits)) as client:
+            (folder / "metrics.json").write_text("{broken")  # read at start, not at each request
+            listed = client.get("/v1/models")
+            assert listed.status_code == 200 and listed.json()["models"][0]["scores"]["dev_accuracy"] is None
+    finally:
+        models.stop()
+
+
+def test_a_failed_load_shows_no_paths_on_health(tmp_path):
+    folder = tmp_path / "secret-place" / "model"
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text("{}")
+    models = Models({"classifier": folder}, Limits(), Gate())
+    models.start().join()
+    with TestClient(create_app(models, models.limits)) as client:
+        response = client.get("/health")
+        assert response.status_code == 503 and "secret-place" not in response.text
+        assert response.json() == {"error": "loading the models failed; the server's log says why",
+                                   "type": "unavailable"}

@@ -194,14 +194,14 @@ class Guard:
         while True:
             try:
                 message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
-            except TimeoutError:
+            except TimeoutError:  # the rest of the body may still come: the connection is closed
                 raise ApiError(408, "timeout", f"the request body did not arrive within "
-                                               f"{self.limits.read_timeout_s:g} s") from None
+                                               f"{self.limits.read_timeout_s:g} s", {"Connection": "close"}) from None
             if message["type"] == "http.disconnect":
                 return None
             body += message.get("body", b"")
             if len(body) > limit:
-                raise ApiError(413, "too_large", f"request body over {limit} bytes")
+                raise ApiError(413, "too_large", f"request body over {limit} bytes", {"Connection": "close"})
             if not message.get("more_body", False):
                 return bytes(body)
 
@@ -454,16 +454,33 @@ async def events(stream: Stream, pieces: asyncio.Queue, timeout_s: float):
         stream.abandoned = True
 
 
+MIN_KEY_CHARS = 16
+
+
 def read_api_keys(path: Path) -> list[str]:
-    """One key a line; blank lines and lines starting with # are skipped."""
+    """One key a line; blank lines and lines starting with # are skipped. The file must be readable
+    by its owner only, and each key at least MIN_KEY_CHARS long."""
+    import os
+    import stat
+
     from seq2seq.errors import UserError
 
     try:
+        mode = stat.S_IMODE(os.stat(path).st_mode)
         lines = Path(path).read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as e:
         raise UserError(f"{path}: cannot read the API keys ({e})") from None
-    keys = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    if mode & 0o077:
+        raise UserError(f"{path}: readable by others (mode {mode:o}); run chmod 600 {path}")
+    keys = []
+    for number, line in enumerate(lines, 1):
+        key = line.strip()
+        if not key or key.startswith("#"):
+            continue
+        if len(key) < MIN_KEY_CHARS:
+            raise UserError(f"{path}, line {number}: a key of {len(key)} characters; keys need at least "
+                            f"{MIN_KEY_CHARS} (python -c 'import secrets; print(secrets.token_urlsafe(32))')")
+        keys.append(key)
     if not keys:
         raise UserError(f"{path}: no API key in the file (one a line)")
     return keys
-

@@ -35,7 +35,11 @@ def add_serve_parser(sub) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: any free port)")
     p.add_argument("--api-key-file", type=Path, help="require `Authorization: Bearer KEY` with a key of this file "
-                                                     "(one a line)")
+                                                     "(one a line, 16 characters or more; the file readable by "
+                                                     "its owner only)")
+    p.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+                   help="a Host name to answer besides loopback's and --host's (repeatable; with --host 0.0.0.0 "
+                        "and none given: any)")
     p.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
                    help="allow browser pages from ORIGIN to call the API (repeatable; default: none)")
     p.add_argument("--threads", type=int, default=0,
@@ -80,7 +84,8 @@ def cmd_serve(args) -> None:
     from seq2seq.device import resolve
 
     device = resolve(args.device).type  # auto: the GPU where CUDA is present, as --help says
-    serve(folders, args.host, args.port, limits, keys, args.cors_origin, args.precision, device, args.ready_file)
+    serve(folders, args.host, args.port, limits, keys, args.cors_origin, args.precision, device, args.ready_file,
+          args.allowed_host)
 
 
 def check_address(host: str, port: int) -> None:
