@@ -125,15 +125,20 @@ def resident_mb(pid: int) -> float:
 
 
 async def soak(url: str, pid: int, total: int, clients: int = 8) -> dict:
-    """`total` mixed requests (translations, generations, bad ones) from `clients` clients: the
-    statuses seen, and resident memory at the 1,000th request and at the last."""
+    """`total` mixed requests (translations, generations, bad and hostile ones) from `clients`
+    clients: the statuses seen, and resident memory at the 1,000th request and at the last."""
     kinds = [("/v1/translate", {"texts": ["Where is the station?"], "beam": 2}),
              ("/v1/generate", {"prompt": "KING:", "max_chars": 40, "seed": 1}),
              ("/v1/translate", {"texts": ["a"], "beam": 2, "nbest": 3}),  # 422
              ("/v1/generate", {"prompt": "A", "max_chars": 10 ** 9}),  # 422
              ("/v1/translate", {"texts": ["x" * 3000]}),  # 413
              ("/v1/translate", {"texts": [SENTENCES[3]], "beam": 5, "nbest": 2}),
-             ("/v1/classify", {"texts": ["great fun"]})]
+             ("/v1/classify", {"texts": ["great fun"]}),
+             ("/v1/translate", {"texts": ["\u200b", SENTENCES[1]], "attention": True}),  # 200, attention null
+             ("/v1/translate", {"texts": ["bad \ud800"]}),  # 422
+             ("/v1/generate", {"prompt": "KING:", "max_chars": 40, "temperature": 1e-300, "top_p": 1e-300}),
+             ("/v1/classify", {"texts": ["\udfff"]}),  # 422
+             ("/v1/nowhere", {})]  # 404
     statuses, sent, memory = {}, 0, {}
 
     async def client(http: httpx.AsyncClient):
@@ -142,7 +147,8 @@ async def soak(url: str, pid: int, total: int, clients: int = 8) -> dict:
             sent += 1
             number = sent
             path, body = kinds[number % len(kinds)]
-            response = await http.post(url + path, json=body)
+            response = await http.post(url + path, content=json.dumps(body).encode(),  # a lone surrogate as its escape
+                                       headers={"content-type": "application/json"})
             statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
             if number in (1000, total):
                 memory[number] = resident_mb(pid)

@@ -36,7 +36,10 @@ def test_the_page_translates_draws_attention_streams_and_classifies(page_url, tm
             page = browser.new_page(viewport={"width": 1000, "height": 1400})
             outside = []
             page.on("request", lambda r: outside.append(r.url) if not r.url.startswith(page_url) else None)
-            page.goto(page_url + "/")
+            blocked = []  # what the page's Content-Security-Policy refused: nothing of its own
+            page.on("console", lambda m: blocked.append(m.text) if "Content Security Policy" in m.text else None)
+            response = page.goto(page_url + "/")
+            assert "script-src 'sha256-" in response.headers["content-security-policy"]
             sync_api.expect(page.locator("#models")).to_contain_text("en-fr", timeout=30_000)
 
             page.fill("#source", "Two dogs play in the snow.")
@@ -56,16 +59,17 @@ def test_the_page_translates_draws_attention_streams_and_classifies(page_url, tm
             page.fill("#max-chars", "1500")
             page.click("#generate")
             generated = page.locator("#generated")
-            page.wait_for_function("document.getElementById('generated').textContent.length > 20", timeout=30_000)
+            page.wait_for_function("() => document.getElementById('generated').textContent.length > 20", timeout=30_000)
             partial = len(generated.text_content())
             assert generated.get_attribute("data-done") == "false" and partial < len("ROMEO:") + 1500
-            page.wait_for_function("document.getElementById('generated').dataset.done === 'true'", timeout=60_000)
+            page.wait_for_function("() => document.getElementById('generated').dataset.done === 'true'", timeout=60_000)
             assert len(generated.text_content()) == len("ROMEO:") + 1500 > partial  # it grew as it streamed
 
             page.click("#classify")
             sync_api.expect(page.locator("#label-text")).to_contain_text("positive", timeout=30_000)
             page.screenshot(path=SCREENSHOT or str(tmp_path / "page.png"), full_page=True)
             assert not outside, outside  # nothing loaded from outside the server
+            assert not blocked, blocked
         finally:
             browser.close()
     assert Path(SCREENSHOT or tmp_path / "page.png").stat().st_size > 10_000
