@@ -45,16 +45,17 @@ def max_output_lengths(src_lengths: torch.Tensor, ratio: float) -> torch.Tensor:
 
 
 def _search(decoder, ids: list[list[int]], beam: int, nbest: int, max_len_ratio: float,
-            length_penalty: float, device: torch.device, stop=None) -> list[list[search.Hypothesis]]:
-    """The `nbest` best hypotheses of each source sentence of one batch (token ids, non-empty)."""
+            length_penalty: float, device: torch.device, stop=None):
+    """The `nbest` best hypotheses of each source sentence of one batch (token ids, non-empty),
+    and the encoder state the search began with."""
     src, src_len = pad(ids, PAD, eos=EOS)
     state = decoder.start(src.to(device), src_len)
     first = torch.full((len(ids),), BOS, dtype=torch.long, device=device)
     max_lens = max_output_lengths(src_len - 1, max_len_ratio)
     if beam == 1:
-        return [[h] for h in search.greedy(decoder, state, first, max_lens, eos=EOS, stop=stop)]
+        return [[h] for h in search.greedy(decoder, state, first, max_lens, eos=EOS, stop=stop)], state
     return search.beam_search(decoder, state, first, max_lens, beam, eos=EOS, length_penalty=length_penalty,
-                              nbest=nbest, stop=stop)
+                              nbest=nbest, stop=stop), state
 
 
 @dataclass
@@ -93,11 +94,12 @@ def translations(model: Translator, tokenizer: SubwordTokenizer, lines: list[str
         for batch in tqdm(batches, desc="translating", unit="batch", disable=not progress, leave=False):
             if stop is not None and stop():
                 raise search.Stopped
-            hyps = _search(decoder, [ids[i] for i in batch], beam, nbest, max_len_ratio, length_penalty, device, stop)
+            hyps, start = _search(decoder, [ids[i] for i in batch], beam, nbest, max_len_ratio, length_penalty,
+                                  device, stop)
             # one call for the batch: SentencePiece's batch decode has a fixed cost a call
             texts = iter(tokenizer.decode([h.tokens for sentence_hyps in hyps for h in sentence_hyps]))
-            maps = _attention(decoder, tokenizer, [ids[i] for i in batch], [h[0].tokens for h in hyps], device) \
-                if attention else [None] * len(batch)
+            maps = _attention(decoder, tokenizer, start, [ids[i] for i in batch], [h[0].tokens for h in hyps],
+                              device) if attention else [None] * len(batch)
             for i, sentence_hyps, weights in zip(batch, hyps, maps):
                 results[i] = Translation([(next(texts), h.score) for h in sentence_hyps], weights)
     return results
@@ -111,13 +113,12 @@ def translate(model: Translator, tokenizer: SubwordTokenizer, lines: list[str], 
                                           length_penalty, progress, precision)]
 
 
-def _attention(decoder, tokenizer, sources: list[list[int]], targets: list[list[int]],
+def _attention(decoder, tokenizer, start: dict, sources: list[list[int]], targets: list[list[int]],
                device: torch.device) -> list[Attention]:
-    """The attention of each source's target, read back teacher-forced in one batched pass: with
-    dropout off, the weights the search used for those pieces."""
-    src, src_len = pad(sources, PAD, eos=EOS)
+    """The attention of each source's target, read back teacher-forced in one batched pass from
+    the encoder state the search began with: with dropout off, the weights the search used."""
     tgt, _ = pad([[BOS] + t for t in targets], PAD)
-    weights = decoder.attention_weights(src.to(device), src_len, tgt.to(device)).float().cpu()
+    weights = decoder.attention_weights(start, tgt.to(device)).float().cpu()
     pieces = tokenizer.sp.id_to_piece
     return [Attention(weights[i, : len(target) + 1, : len(source) + 1],
                       [pieces(p) for p in source] + ["</s>"], [pieces(p) for p in target] + ["</s>"])

@@ -187,3 +187,30 @@ def test_step_equals_a_one_step_call_of_the_module(cell):
     assert torch.allclose(out, want_out[:, 0], atol=1e-6)
     out, _ = ours.step(x, hidden)
     assert torch.allclose(out, theirs(x.unsqueeze(1), want_hidden)[0][:, 0], atol=1e-6)
+
+
+@pytest.mark.parametrize("precision, tolerance", [("fp32", 1e-4), ("int8", 0.03)])
+def test_attention_is_read_from_the_returned_text_on_the_searchs_own_encoder_state(precision, tolerance):
+    """translations(attention=True) reuses the state the search began with: the weights equal a
+    fresh encoder pass read back teacher-forced over the returned pieces, for every sentence of
+    the batch, and each row sums to one (int8 quantizes activations per batch, so a sentence
+    alone differs a little from it in a batch)."""
+    from conftest import ROOT
+
+    from seq2seq import checkpoint, inference
+    from seq2seq.device import resolve_precision
+    from seq2seq.tokenizer import BOS, EOS, PAD
+
+    _, model, tokenizer = checkpoint.load(ROOT / "checkpoints" / "en-fr")
+    lines = ["Two dogs play in the snow.", "A man in a red shirt rides a bicycle down a hill.", "Hello!"]
+    found = inference.translations(model, tokenizer, lines, beam=4, attention=True, precision=precision)
+    ids = tokenizer.encode(lines)
+    with inference.decoding(model, resolve_precision(precision, torch.device("cpu"), "translator")) as decoder:
+        for line_ids, translation in zip(ids, found):
+            src, src_len = pad([line_ids], PAD, eos=EOS)
+            target = tokenizer.encode([translation.nbest[0][0]])[0]
+            fresh = decoder.attention_weights(decoder.start(src, src_len), torch.tensor([[BOS] + target]))[0]
+            got = translation.attention.weights
+            assert got.shape == (len(target) + 1, len(line_ids) + 1)
+            assert torch.allclose(got, fresh.float(), atol=tolerance), (got - fresh).abs().max()
+            assert torch.allclose(got.sum(1), torch.ones(len(got)), atol=1e-3)

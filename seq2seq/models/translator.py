@@ -119,20 +119,21 @@ class Translator(nn.Module):
                 out[key] = value if sentences is None else value.index_select(0, sentences)
         return out
 
-    def attention_weights(self, src, src_len, tgt_in) -> torch.Tensor:
-        """Teacher-forced attention weights (B, T, S) for the decoder inputs tgt_in, without the
-        output layer where the decoder runs in one call (no input feeding)."""
-        if self.cfg.input_feeding:
-            weights = []
-            hook = self.attention.register_forward_hook(lambda module, inputs, output: weights.append(output[1]))
-            try:
-                self(src, src_len, tgt_in, step_loop=True)
-            finally:
-                hook.remove()
-            return torch.cat(weights, dim=1)
-        state = self.start(src, src_len)
-        dec_out, _ = self.decoder(self.embed(tgt_in), state["hidden"])
-        return self._attend(dec_out, state)[1]
+    def attention_weights(self, state: dict, tgt_in: torch.Tensor) -> torch.Tensor:
+        """Teacher-forced attention weights (B, T, S) for the decoder inputs tgt_in, from a `start`
+        state (the one a search began with); without input feeding in one decoder call and
+        without the output layer."""
+        if not self.cfg.input_feeding:
+            dec_out, _ = self.decoder(self.embed(tgt_in), state["hidden"])
+            return self._attend(dec_out, state)[1]
+        weights = []
+        hook = self.attention.register_forward_hook(lambda module, inputs, output: weights.append(output[1]))
+        try:
+            for t in range(tgt_in.size(1)):
+                _, state = self.step(tgt_in[:, t], state)
+        finally:
+            hook.remove()
+        return torch.cat(weights, dim=1)
 
     def forward(self, src, src_len, tgt_in, teacher_forcing: float = 1.0, step_loop: bool = False) -> torch.Tensor:
         """Teacher-forced logits (B, T, V) for the decoder inputs tgt_in (BOS y1 .. y_{T-1}).
