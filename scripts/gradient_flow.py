@@ -34,6 +34,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from seq2seq import plots  # noqa: E402
+from seq2seq.config import default_data_dir  # noqa: E402
 from seq2seq.errors import UserError  # noqa: E402
 from seq2seq.gradient_flow import (VARIANTS, Training, claims, fitted_exponent, mean_interval,  # noqa: E402
                                    saved_activation_bytes, small_charlm_config, train_exploding,
@@ -268,12 +269,15 @@ def main(argv=None) -> int:
     p.add_argument("--first-seed", type=int, default=0, help="the seeds are first-seed, first-seed + 1, ...")
     p.add_argument("--workers", type=int, default=max(1, min(multiprocessing.cpu_count(), 8)),
                    help="single-threaded worker processes (default: one per core)")
-    p.add_argument("--text", type=Path, default=Path("../shared/data/tinyshakespeare/input.txt"),
-                   help="text for the truncated-BPTT part")
+    p.add_argument("--text", type=Path, default=default_data_dir() / "tinyshakespeare" / "input.txt",
+                   help="text for the truncated-BPTT part (default $SEQ2SEQ_DATA/tinyshakespeare/input.txt)")
     args = p.parse_args(argv)
     one_thread()
     try:
         plots.require_matplotlib()
+        if not args.calibrate and not args.text.is_file():  # said now, not after the other parts have run
+            raise UserError(f"{args.text}: not found (the truncated-BPTT part reads Tiny Shakespeare: set "
+                            "SEQ2SEQ_DATA to the folder holding tinyshakespeare/, or pass --text)")
         if args.calibrate:
             result, name = calibrate(args), "calibration.json"
         else:

@@ -32,6 +32,11 @@ SENTENCES = ["Two dogs play in the snow.", "I would like a cup of coffee, please
              "My brother lives in a small town near the sea."]
 
 
+def relative(path: Path) -> str:
+    """A path inside the repository as it is named from the root: the JSON names no machine's folders."""
+    return str(path.resolve().relative_to(ROOT)) if path.resolve().is_relative_to(ROOT) else str(path)
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
@@ -190,7 +195,7 @@ def main() -> None:
     p.add_argument("--output", type=Path, help="also write the JSON here")
     args = p.parse_args()
     result = {"date": time.strftime("%Y-%m-%d"), "cpus": os.cpu_count(),
-              "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
+              "settings": {k: relative(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
     with tempfile.TemporaryDirectory() as folder:
         for name, extra in (("batched", []), ("unbatched", ["--max-batch", "1"])):
             process, url = start(args, extra, Path(folder))

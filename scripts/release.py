@@ -3,8 +3,9 @@
 
   python scripts/release.py runs/en-fr checkpoints/en-fr
 
-Copies config.json, the tokenizer, metrics.json and metrics.jsonl, and writes model.safetensors
-with fp16 weights (half the size; the model loads them into fp32). fp16 rather than bf16: its
+Copies config.json, the tokenizer, the vocabulary shortlist, metrics.json and metrics.jsonl (paths
+under the current folder made relative: a release names no folder of the machine that made it),
+and writes model.safetensors with fp16 weights (half the size; the model loads them into fp32). fp16 rather than bf16: its
 10-bit mantissa keeps weights of this size 8x more precisely, and none comes near its range limit.
 The model card (README.md) is written by hand: data, licence, command, machine, scores.
 """
@@ -21,7 +22,8 @@ import torch  # noqa: E402
 
 from seq2seq import checkpoint  # noqa: E402
 
-COPIED = ("config.json", "spm.model", "vocab.json", "labels.json", "metrics.json", "metrics.jsonl")
+COPIED = ("config.json", "spm.model", "vocab.json", "labels.json", "shortlist.safetensors", "metrics.json",
+          "metrics.jsonl")
 
 
 def main() -> None:
@@ -31,8 +33,14 @@ def main() -> None:
     args = p.parse_args()
     _, model, _ = checkpoint.load(args.run)
     args.output.mkdir(parents=True, exist_ok=True)
+    here = str(Path.cwd().resolve()) + "/"
     for name in COPIED:
-        if (args.run / name).is_file():
+        if not (args.run / name).is_file():
+            continue
+        if name.endswith((".json", ".jsonl")):
+            text = (args.run / name).read_text(encoding="utf-8")
+            (args.output / name).write_text(text.replace(here, ""), encoding="utf-8")
+        else:
             shutil.copy2(args.run / name, args.output / name)
     checkpoint.save_weights(model.to(torch.float16), args.output / checkpoint.BEST)
     size = sum(f.stat().st_size for f in args.output.iterdir()) / 1e6

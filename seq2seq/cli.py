@@ -60,7 +60,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def add_train_parser(sub) -> None:
-    p = sub.add_parser("train", help="train a translator or a character language model",
+    p = sub.add_parser("train", help="train a translator, a character language model or a classifier",
                        epilog="A translator's training pairs are tokenized once into a cache under $SEQ2SEQ_CACHE "
                               "(default ~/.cache/seq2seq) that later runs on the same data reuse.")
     p.add_argument("kind", choices=["translator", "charlm", "classifier"])
@@ -71,9 +71,10 @@ def add_train_parser(sub) -> None:
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config value")
     p.add_argument("--time-budget", type=float, metavar="MINUTES",
                    help="plan the run to end, annealed, when this much wall clock is spent")
-    p.add_argument("--output", type=Path, help="model folder (default checkpoints/PRESET)")
+    p.add_argument("--output", type=Path, help="model folder (default runs/PRESET); an existing model is never "
+                                                "overwritten")
     p.add_argument("--resume", action="store_true", help="continue the run saved in --output")
-    p.add_argument("--init-from", "--init-encoder-from", type=Path, metavar="MODEL",
+    p.add_argument("--init-from", type=Path, metavar="MODEL",
                    help="start from this model folder's weights and tokenizer (fine-tuning; its model.* settings "
                         "replace the preset's), with a fresh optimizer and schedule; a classifier may start from a "
                         "translator or a pretrained encoder (model.head = lm): its tokenizer, embedding and encoder "
@@ -132,7 +133,8 @@ def add_evaluate_parser(sub) -> None:
     add_decoding_args(p, beam_default=None)
     p.add_argument("--text", type=Path, help="character model: held-out text (scored in fp32 unless --precision "
                    "names another)")
-    p.add_argument("--continuations", type=nonnegative_int, default=0, help="score N generated continuations")
+    p.add_argument("--continuations", type=bounded_int(0, LIMITS["num_samples"]), default=0,
+                   help=f"score N generated continuations (at most {LIMITS['num_samples']:,})")
     p.add_argument("--prompt-chars", type=positive_int, default=100,
                    help="continuations: characters of held-out text each starts from (default 100)")
     p.add_argument("--max-chars", type=bounded_int(1, LIMITS["max_chars"]), default=100,
@@ -205,7 +207,7 @@ def cmd_train(args) -> None:
     if args.init_from:
         cfg.model = init_model_settings(args, cfg)
         cfg.validate(f"--init-from {args.init_from}")  # the shape it brings must suit this run's model too
-    output = args.output or Path("checkpoints") / cfg.preset
+    output = args.output or Path("runs") / cfg.preset
     data_dir = args.data_dir or (None if args.resume else default_data_dir())
     best = train(cfg, data_dir, output, time_budget=args.time_budget, resume=args.resume, device=args.device,
                  init_from=args.init_from)

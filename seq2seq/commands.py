@@ -47,8 +47,9 @@ def released_model(kind: str) -> Path:
     folder = root / RELEASED[kind]
     if not (folder / "config.json").is_file():
         what = {"translator": "translator", "charlm": "character model", "classifier": "classifier"}[kind]
-        raise UserError(f"no -m given and the released {what} is missing ({folder}): pass -m MODEL_FOLDER, "
-                        f"or train one with `seq2seq train {kind} --preset ... --output {folder}`")
+        raise UserError(f"no -m given and no released {what} at {folder}: set SEQ2SEQ_MODELS to the folder "
+                        "holding en-fr/, shakespeare/ and sst2/ (a clone's checkpoints/; `pip install .` copies "
+                        "only the code), or pass -m MODEL_FOLDER")
     return folder
 
 

@@ -181,7 +181,7 @@ def test_more_than_two_classes_train_and_classify(tmp_path):
 def test_a_classifier_starts_from_a_translators_encoder(tiny_translator_folder, tmp_path):
     translator = load_file_weights(tiny_translator_folder)
     result = run_cli("train", "classifier", "--preset", "tiny-classifier", "--data-dir", SAMPLE_DIR,
-                     "--init-encoder-from", tiny_translator_folder, "--set", "model.freeze_encoder=true",
+                     "--init-from", tiny_translator_folder, "--set", "model.freeze_encoder=true",
                      "--set", "train.max_epochs=3", "--output", tmp_path / "run")
     assert result.returncode == 0, result.stderr
     assert "embedding and encoder from the translator" in result.stderr
@@ -194,7 +194,7 @@ def test_a_classifier_starts_from_a_translators_encoder(tiny_translator_folder, 
         assert torch.equal(weights[name], translator[name]), name  # frozen: still the translator's
     assert not torch.equal(weights["out.weight"], Classifier(cfg.model, len(tokenizer), 2).out.weight)
     again = run_cli("train", "classifier", "--preset", "tiny-classifier", "--data-dir", SAMPLE_DIR,
-                    "--init-encoder-from", tiny_translator_folder, "--set", "model.hidden=7", "--output", tmp_path / "x")
+                    "--init-from", tiny_translator_folder, "--set", "model.hidden=7", "--output", tmp_path / "x")
     assert_one_line_error(again, "sets the encoder's shape: drop --set model.hidden")
 
 

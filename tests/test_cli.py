@@ -159,3 +159,4 @@ def test_evaluate_without_a_model_picks_the_classifier_for_a_labelled_file_and_r
     bare.write_text("1\ta wonderful, moving film .\n0\ta dull and tedious mess .\n" * 5)
     result = run_cli("evaluate", "--tsv", bare, "--json", cwd=tmp_path)
     assert_one_line_error(result, "bare.tsv: the source side holds only 0, 1: labels, not sentences?")
+

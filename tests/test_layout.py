@@ -45,3 +45,18 @@ def test_importing_the_package_changes_no_setting():
     code = "import os, seq2seq, seq2seq.inference, seq2seq.training; print(os.environ.get('ONEDNN_PRIMITIVE_CACHE_CAPACITY'))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout
     assert out.strip() == "None"
+
+
+def test_docs_layout_names_every_module_and_script():
+    layout = (ROOT / "docs" / "layout.md").read_text(encoding="utf-8")
+    lines = layout.splitlines()
+
+    def named(path) -> bool:
+        """Its path is in the layout, or its name on a line that starts with its folder."""
+        relative = str(path.relative_to(ROOT))
+        folder = str(path.parent.relative_to(ROOT)) + "/"
+        return relative in layout or any(line.startswith(folder) and path.name in line for line in lines)
+
+    files = [p for p in SOURCES if p.name != "__init__.py"] + sorted((ROOT / "scripts").glob("*.py"))
+    missing = [str(p.relative_to(ROOT)) for p in files if not named(p)]
+    assert not missing, missing

@@ -1,6 +1,8 @@
 """The README's and the model cards' examples run as written from the repository root: each fenced
-`seq2seq translate|generate|evaluate|plot|classify` command that uses a released model, and each ```python
-snippet. Files the commands write (-o, --output, --hyp-output, --attention-png) go to tmp_path."""
+`seq2seq translate|generate|evaluate|plot|classify` command that uses a released model, each
+`seq2seq train` command of a tiny preset, and each ```python snippet. Files the commands write (-o,
+--output, --hyp-output, --attention-png) go to tmp_path. Every preset and config key the docs name
+exists, and every documented default is the default."""
 import os
 import re
 import shlex
@@ -66,3 +68,74 @@ def test_documented_python_snippet_runs(where, code):
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, f"{where}: {result.stderr}"
     assert result.stdout.strip(), f"{where}: printed nothing"
+
+
+def training_commands():
+    """(where, argv) of the fenced `seq2seq train` commands that need no corpus: the tiny presets,
+    which read the sample data shipped in data/."""
+    for where, block in fences(""):
+        for number, line in enumerate(block.replace("\\\n", " ").splitlines()):
+            if not line.strip().removeprefix("$ ").startswith("seq2seq train "):
+                continue
+            argv = shlex.split(line.strip().removeprefix("$ "))
+            if "--preset" in argv and argv[argv.index("--preset") + 1].startswith("tiny-"):
+                yield pytest.param(argv, id=f"{where}+{number} train")
+
+
+@pytest.mark.parametrize("argv", list(training_commands()))
+def test_documented_training_command_runs(argv, tmp_path):
+    argv = [tmp_path / Path(arg).name if before == "--output" else arg for before, arg in zip([""] + argv, argv)]
+    env = {k: v for k, v in os.environ.items() if k != "SEQ2SEQ_DATA"}  # the sample data, as documented
+    result = subprocess.run([sys.executable, "-m", "seq2seq", *map(str, argv[1:])], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    output = Path(argv[argv.index("--output") + 1])
+    assert (output / "model.safetensors").is_file() and (output / "metrics.json").is_file()
+
+
+DOCUMENTS = [ROOT / "README.md", ROOT / "data" / "README.md", *sorted((ROOT / "docs").glob("*.md")),
+             *sorted(ROOT.glob("checkpoints/*/README.md"))]
+
+
+def test_every_preset_named_in_the_docs_exists():
+    presets = {p.stem for p in (ROOT / "seq2seq" / "presets").glob("*.toml")}
+    named = {(doc.name, name) for doc in DOCUMENTS
+             for name in re.findall(r"--preset[ =]([\w-]+)\b(?!\.)", doc.read_text(encoding="utf-8"))}
+    assert named and not {(doc, name) for doc, name in named if name not in presets}
+
+
+def test_every_config_key_named_in_the_docs_is_a_real_key():
+    from dataclasses import fields
+
+    from seq2seq import config
+
+    sections = {"data": [config.TranslatorData, config.CharLMData, config.ClassifierData],
+                "model": [config.TranslatorModel, config.CharLMModel, config.ClassifierModel],
+                "train": [config.TrainConfig]}
+    keys = {f"{section}.{f.name}" for section, classes in sections.items() for cls in classes for f in fields(cls)}
+    files = {"safetensors", "tsv", "jsonl", "json", "txt", "model", "toml", "en", "fr", "de", "png"}  # file names
+    named = {(doc.name, key) for doc in DOCUMENTS
+             for key in re.findall(r"(?<![/\w.-])((?:data|model|train)\.[a-z_]+)(?==|`| =)", doc.read_text(encoding="utf-8"))
+             if key.split(".")[1] not in files}
+    unknown = sorted((doc, key) for doc, key in named if key not in keys)
+    assert named and not unknown, unknown
+
+
+def test_every_documented_default_is_the_default():
+    """Every `--flag` (VALUE) in the README and docs/serve.md is that flag's default on the command line."""
+    from seq2seq.cli import parser
+
+    defaults = {}
+    for action in parser()._subparsers._group_actions[0].choices.values():
+        for option in action._actions:
+            for name in option.option_strings:
+                if option.default is not None and not isinstance(option.default, bool):
+                    defaults.setdefault(name, []).append(option.default)
+    wrong, checked = [], 0
+    for doc in (ROOT / "README.md", ROOT / "docs" / "serve.md"):
+        for flag, value in re.findall(r"`(--[a-z-]+)` \(([\d,.]+)\)", doc.read_text(encoding="utf-8")):
+            number = float(value.replace(",", ""))
+            checked += flag in defaults
+            if flag in defaults and not any(isinstance(d, (int, float)) and d == number for d in defaults[flag]):
+                wrong.append((doc.name, flag, value, defaults[flag]))
+    assert checked >= 8 and not wrong, (checked, wrong)

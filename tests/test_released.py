@@ -2,6 +2,7 @@
 right after install, and keep the scores their model cards state (floors a few points under them)."""
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -31,6 +32,9 @@ def test_released_folder_is_small_and_holds_no_pickle(folder, monkeypatch):
     assert {"config.json", "model.safetensors", "metrics.json", "README.md"} <= names
     assert not names & {"train_state.pt", "resume.safetensors"}
     assert sum(p.stat().st_size for p in folder.iterdir()) <= 25_000_000
+    for text_file in [p for p in folder.iterdir() if p.suffix in (".json", ".jsonl", ".md")]:
+        found = re.findall(r'"(/(?:home|root|work|tmp|Users|mnt)/[^"]*)"', text_file.read_text(encoding="utf-8"))
+        assert not found, f"{text_file.name} names folders of the machine that made it: {found[:3]}"
 
     def no_pickle(*args, **kwargs):
         raise AssertionError("a released model must load without torch.load")
@@ -87,7 +91,8 @@ def test_missing_released_model_is_a_one_line_error(tmp_path):
     import os
 
     result = run_cli("translate", "Hello.", env=dict(os.environ, SEQ2SEQ_MODELS=str(tmp_path)))
-    assert_one_line_error(result, "pass -m MODEL_FOLDER")
+    assert_one_line_error(result, f"no released translator at {tmp_path / 'en-fr'}", "set SEQ2SEQ_MODELS",
+                          "`pip install .` copies only the code", "or pass -m MODEL_FOLDER")
 
 
 def test_released_character_model_scores_held_out_shakespeare():
