@@ -1,4 +1,4 @@
-"""The GPU check of the scale-out issue, one JSON object: run it where a GPU is at hand.
+"""A GPU check, one JSON object: run it where a GPU is at hand.
 
     python scripts/gpu_check.py                       # --device cuda, about 5 minutes
     python scripts/gpu_check.py --device cpu --quick  # the same code paths on a CPU, in seconds
