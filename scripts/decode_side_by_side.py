@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Decoding, generation and classification speed of several checkouts, side by side on this machine.
 
-  git worktree add /tmp/base 69ec877
+  git worktree add /tmp/base <commit>
   python scripts/decode_side_by_side.py . /tmp/base [--rounds 2] [--precisions fp32,int8]
   ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 python scripts/decode_side_by_side.py . /tmp/base
 

@@ -95,6 +95,17 @@ def add_translate_parser(sub) -> None:
                         "length ** length-penalty when --beam > 1)")
     p.add_argument("--attention-png", type=Path, metavar="PNG",
                    help="also draw the attention weights of the first sentence's translation (needs matplotlib)")
+    p.add_argument("--alignments", action="store_true",
+                   help="add a tab and the best translation's word alignments, source-target pairs `i-j` as "
+                        "fast_align and Moses write them, from its attention")
+    p.add_argument("--no-split", action="store_true",
+                   help="translate each line as one sentence (default: a line of several sentences is split "
+                        "into them, translated, and joined back with its own spacing and line breaks)")
+    prefix = p.add_mutually_exclusive_group()
+    prefix.add_argument("--prefix", metavar="TEXT",
+                        help="every translation starts with TEXT, and the search goes on from there (a prefix "
+                             "that ends inside a word continues the word; of a split line, its first sentence)")
+    prefix.add_argument("--prefix-file", type=Path, metavar="FILE", help="one prefix per input line")
 
 
 def add_generate_parser(sub) -> None:
@@ -276,8 +287,21 @@ def check_outputs(*paths: Path | None) -> None:
             check_writable(path)
 
 
+def read_prefixes(args, count: int) -> list[str] | None:
+    from seq2seq.data import read_lines
+
+    if args.prefix is not None:
+        return [args.prefix] * count
+    if args.prefix_file is None:
+        return None
+    prefixes = read_lines(args.prefix_file)
+    if len(prefixes) != count:
+        raise UserError(f"{args.prefix_file}: {len(prefixes)} prefixes for {count} input lines (one a line)")
+    return prefixes
+
+
 def cmd_translate(args) -> None:
-    from seq2seq.inference import translate
+    from seq2seq.inference import translations, word_alignments
 
     if args.nbest > args.beam:
         raise UserError(f"--nbest {args.nbest} needs --beam of at least {args.nbest}")
@@ -286,17 +310,24 @@ def cmd_translate(args) -> None:
     if args.attention_png:
         from seq2seq.plots import require_matplotlib
         require_matplotlib()  # before any work: a missing extra is a hint, not a late traceback
-    _, model, tokenizer = load_kind(args.model, "translator", args.device)
+    cfg, model, tokenizer = load_kind(args.model, "translator", args.device)
     lines = read_inputs(args)
     if args.attention_png and (not lines or not lines[0].strip()):
         raise UserError("--attention-png draws the first sentence's attention, and there is none")
-    results = translate(model, tokenizer, lines, beam=args.beam, nbest=args.nbest, batch_size=args.batch_size,
-                        max_len_ratio=args.max_len_ratio, length_penalty=args.length_penalty,
-                        progress=len(lines) > 1000, precision=precision(args, "translator"))
+    prefixes = read_prefixes(args, len(lines))
+    results = translations(model, tokenizer, lines, beam=args.beam, nbest=args.nbest, batch_size=args.batch_size,
+                           max_len_ratio=args.max_len_ratio, length_penalty=args.length_penalty,
+                           progress=len(lines) > 1000, precision=precision(args, "translator"),
+                           attention=args.alignments, split=None if args.no_split else cfg.data.src_lang,
+                           prefixes=prefixes)
     out = []
-    for number, hyps in enumerate(results):
-        for text, score in hyps:
-            out.append(f"{number}\t{score:.4f}\t{text}" if args.scores else text)
+    for number, found in enumerate(results):
+        for rank, (text, score) in enumerate(found.nbest):
+            line = f"{number}\t{score:.4f}\t{text}" if args.scores else text
+            if args.alignments and rank == 0:
+                pairs = word_alignments(found.attention) if found.attention is not None else []
+                line += "\t" + " ".join(f"{i}-{j}" for i, j in pairs)
+            out.append(line)
     write_output(out, args.output)
     if args.attention_png:
         draw_attention(model, tokenizer, lines, args)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from seq2seq import fast, search
+from seq2seq import fast, search, sentences
 from seq2seq.data import pad
 from seq2seq.device import Precision, autocast, resolve_precision
 from seq2seq.device import of as device_of
@@ -45,17 +45,62 @@ def max_output_lengths(src_lengths: torch.Tensor, ratio: float) -> torch.Tensor:
 
 
 def _search(decoder, ids: list[list[int]], beam: int, nbest: int, max_len_ratio: float,
-            length_penalty: float, device: torch.device, stop=None):
+            length_penalty: float, device: torch.device, stop=None, allowed: torch.Tensor | None = None):
     """The `nbest` best hypotheses of each source sentence of one batch (token ids, non-empty),
-    and the encoder state the search began with."""
+    and the encoder state the search began with. `allowed` (sentences, steps, vocabulary): what
+    the first steps may produce (prefixes), whose steps add to the length limit."""
     src, src_len = pad(ids, PAD, eos=EOS)
-    state = decoder.start(src.to(device), src_len)
+    keep = None if allowed is None else (allowed & ~allowed.all(2, keepdim=True)).any(1)
+    state = decoder.start(src.to(device), src_len, keep)
     first = torch.full((len(ids),), BOS, dtype=torch.long, device=device)
     max_lens = max_output_lengths(src_len - 1, max_len_ratio)
+    if allowed is not None:
+        allowed = allowed.to(device)
+        max_lens = max_lens + (~allowed.all(2)).sum(1).cpu()
     if beam == 1:
-        return [[h] for h in search.greedy(decoder, state, first, max_lens, eos=EOS, stop=stop)], state
+        return [[h] for h in search.greedy(decoder, state, first, max_lens, eos=EOS, stop=stop,
+                                           allowed=allowed)], state
     return search.beam_search(decoder, state, first, max_lens, beam, eos=EOS, length_penalty=length_penalty,
-                              nbest=nbest, stop=stop), state
+                              nbest=nbest, stop=stop, allowed=allowed), state
+
+
+def prefix_steps(tokenizer: SubwordTokenizer, prefix: str) -> list[list[int]]:
+    """The pieces each of the first steps may produce for the output to start with `prefix`: one
+    piece a step; where the prefix ends inside a word, the last step allows every piece that
+    continues it (`Deux chie` -> `▁Deux`, then `▁chien`, `▁chiens`, ...)."""
+    text = prefix.strip()
+    if not text:
+        return []
+    if prefix[-1].isspace() or not text[-1].isalnum():
+        return [[piece] for piece in tokenizer.encode([text])[0]]
+    head, _, word = text.rpartition(" ")
+    steps = [[piece] for piece in tokenizer.encode([head])[0]] if head else []
+    pieces = _pieces(tokenizer)
+    whole = [i for i, piece in enumerate(pieces) if piece.startswith("\u2581" + word)]
+    if whole:
+        return steps + [whole]
+    word_pieces = tokenizer.encode([word])[0]  # no piece holds the word's start: end inside its last piece
+    last = pieces[word_pieces[-1]]
+    return steps + [[piece] for piece in word_pieces[:-1]] + [[i for i, p in enumerate(pieces) if p.startswith(last)]]
+
+
+def _pieces(tokenizer: SubwordTokenizer) -> list[str]:
+    if not hasattr(tokenizer, "_piece_strings"):
+        tokenizer._piece_strings = [tokenizer.sp.id_to_piece(i) for i in range(len(tokenizer))]
+    return tokenizer._piece_strings
+
+
+def _allowed(steps: list[list[list[int]]], vocab: int) -> torch.Tensor | None:
+    """(sentences, steps, vocabulary) bool from each sentence's allowed pieces a step."""
+    width = max(map(len, steps), default=0)
+    if not width:
+        return None
+    allowed = torch.ones(len(steps), width, vocab, dtype=torch.bool)
+    for i, sentence in enumerate(steps):
+        for t, pieces in enumerate(sentence):
+            allowed[i, t] = False
+            allowed[i, t, pieces] = True
+    return allowed
 
 
 @dataclass
@@ -67,6 +112,30 @@ class Attention:
     target: list[str]
 
 
+def word_alignments(attention: Attention) -> list[tuple[int, int]]:
+    """Source-target word pairs (i, j), as fast_align and Moses write `i-j`: each target word is
+    aligned to the source word its pieces attended to most (summed over the pieces of both). Words
+    are SentencePiece's: a piece starting with U+2581 starts one; `</s>` belongs to none."""
+    def words(pieces: list[str]) -> list[int]:
+        index, out = -1, []
+        for piece in pieces:
+            if piece == "</s>":
+                out.append(-1)
+                continue
+            index += piece.startswith("\u2581") or index < 0
+            out.append(index)
+        return out
+
+    source, target = torch.tensor(words(attention.source)), torch.tensor(words(attention.target))
+    if not len(source) or not len(target) or source.max() < 0 or target.max() < 0:
+        return []
+    kept_source, kept_target = source >= 0, target >= 0
+    weights = attention.weights.float()[kept_target][:, kept_source]
+    rows = torch.zeros(int(target.max()) + 1, weights.size(1)).index_add_(0, target[kept_target], weights)
+    by_word = torch.zeros(rows.size(0), int(source.max()) + 1).index_add_(1, source[kept_source], rows)
+    return [(i, j) for j, i in enumerate(by_word.argmax(1).tolist())]
+
+
 @dataclass
 class Translation:
     nbest: list[tuple[str, float]]  # (text, score), best first
@@ -76,13 +145,23 @@ class Translation:
 def translations(model: Translator, tokenizer: SubwordTokenizer, lines: list[str], beam: int = 5, nbest: int = 1,
                  batch_size: int | None = None, max_len_ratio: float = 2.0, length_penalty: float = 1.0,
                  progress: bool = False, precision: str | Precision = "auto", attention: bool = False,
-                 stop=None) -> list[Translation]:
+                 stop=None, split: str | None = None, prefixes: list[str] | None = None) -> list[Translation]:
     """A `Translation` per input line, in input order; a line with no pieces (empty, or nothing
     SentencePiece keeps) gives empty text and no attention. `batch_size` None: BATCH_SENTENCES a
     batch, fewer where beam x that passes BATCH_ROWS. `attention`: the best translation is read
     back teacher-forced, one pass a batch, so the weights are those of the text returned.
-    `stop()`, asked between batches and decoding steps, ends the call with `search.Stopped`."""
+    `stop()`, asked between batches and decoding steps, ends the call with `search.Stopped`.
+    `split`: the source language: each line is split into sentences (`seq2seq.sentences`),
+    translated in one batch with the rest and joined back. `prefixes`: per line, what its
+    translation starts with (of a split line, its first sentence's)."""
+    if split:
+        return _by_sentence(lambda texts, firsts: translations(
+            model, tokenizer, texts, beam, nbest, batch_size, max_len_ratio, length_penalty, progress, precision,
+            attention, stop, None, firsts), lines, split, prefixes, nbest)
     check_limits(beam=beam, nbest=nbest, batch_size=batch_size, max_len_ratio=max_len_ratio)
+    if prefixes is not None and len(prefixes) != len(lines):
+        raise ValueError(f"{len(prefixes)} prefixes for {len(lines)} lines")
+    steps = [prefix_steps(tokenizer, p) for p in prefixes] if prefixes else [[] for _ in lines]
     device = device_of(model)
     precision = resolve_precision(precision, device, "translator")
     batch_size = batch_size or max(1, min(BATCH_SENTENCES, BATCH_ROWS // beam))
@@ -95,7 +174,7 @@ def translations(model: Translator, tokenizer: SubwordTokenizer, lines: list[str
             if stop is not None and stop():
                 raise search.Stopped
             hyps, start = _search(decoder, [ids[i] for i in batch], beam, nbest, max_len_ratio, length_penalty,
-                                  device, stop)
+                                  device, stop, _allowed([steps[i] for i in batch], len(tokenizer)))
             # one call for the batch: SentencePiece's batch decode has a fixed cost a call
             texts = iter(tokenizer.decode([h.tokens for sentence_hyps in hyps for h in sentence_hyps]))
             maps = _attention(decoder, tokenizer, start, [ids[i] for i in batch], [h[0].tokens for h in hyps],
@@ -107,10 +186,38 @@ def translations(model: Translator, tokenizer: SubwordTokenizer, lines: list[str
 
 def translate(model: Translator, tokenizer: SubwordTokenizer, lines: list[str], beam: int = 5, nbest: int = 1,
               batch_size: int | None = None, max_len_ratio: float = 2.0, length_penalty: float = 1.0,
-              progress: bool = False, precision: str | Precision = "auto") -> list[list[tuple[str, float]]]:
-    """`nbest` (text, score) pairs per input line, in input order; an empty line gives empty output."""
+              progress: bool = False, precision: str | Precision = "auto", split: str | None = None,
+              prefixes: list[str] | None = None) -> list[list[tuple[str, float]]]:
+    """`nbest` (text, score) pairs per input line, in input order; an empty line gives empty output.
+    `split` and `prefixes` as in `translations`."""
     return [t.nbest for t in translations(model, tokenizer, lines, beam, nbest, batch_size, max_len_ratio,
-                                          length_penalty, progress, precision)]
+                                          length_penalty, progress, precision, split=split, prefixes=prefixes)]
+
+
+def _by_sentence(run, lines: list[str], lang: str, prefixes: list[str] | None, nbest: int) -> list[Translation]:
+    """`run(sentences, prefixes)` over every line's sentences at once, joined back per line: the
+    k-th of a line's n-best joins its sentences' k-th (score: their sum), and its attention is
+    block-diagonal over its sentences."""
+    parts = [sentences.split(line, lang) for line in lines]
+    flat = [part.text for line_parts in parts for part in line_parts]
+    firsts = None if prefixes is None else [p if j == 0 else "" for line_parts, p in zip(parts, prefixes)
+                                             for j, _ in enumerate(line_parts)]
+    found = iter(run(flat, firsts))
+    out = []
+    for line_parts in parts:
+        got = [next(found) for _ in line_parts]
+        ranked = [(sentences.join(line_parts, [g.nbest[k][0] for g in got]), sum(g.nbest[k][1] for g in got))
+                  for k in range(nbest)]
+        out.append(Translation(ranked, _joined_attention([g.attention for g in got])))
+    return out
+
+
+def _joined_attention(maps: list[Attention | None]) -> Attention | None:
+    maps = [m for m in maps if m is not None]
+    if len(maps) <= 1:
+        return maps[0] if maps else None
+    return Attention(torch.block_diag(*(m.weights for m in maps)), [p for m in maps for p in m.source],
+                     [p for m in maps for p in m.target])
 
 
 def _attention(decoder, tokenizer, start: dict, sources: list[list[int]], targets: list[list[int]],

@@ -6,7 +6,8 @@ from __future__ import annotations
 from seq2seq.errors import UserError
 
 LIMITS = {"beam": 64, "nbest": 64, "batch_size": 4096, "rows": 16384, "max_len_ratio": 10.0,
-          "max_chars": 1_000_000, "num_samples": 1024, "total_chars": 10_000_000, "top_k": 100_000}
+          "max_chars": 1_000_000, "num_samples": 1024, "total_chars": 10_000_000, "top_k": 100_000,
+          "sentences": 256}  # sentences: of one line, split for translation
 
 
 def check_limits(**sizes) -> None:

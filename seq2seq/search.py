@@ -99,12 +99,24 @@ def output_ids(state) -> torch.Tensor | None:
     return state.get("output_ids") if isinstance(state, dict) else None
 
 
+def restricted(log_probs: torch.Tensor, allowed: torch.Tensor | None, sentences: torch.Tensor, step: int,
+               vocab: torch.Tensor | None) -> torch.Tensor:
+    """`log_probs` (rows, columns) with the tokens that `allowed` (sentences, steps, vocabulary; bool)
+    forbids at `step` set to -inf, each row by its sentence; unchanged past the allowed steps. The
+    tokens kept keep their own log-probabilities, so scores stay the model's."""
+    if allowed is None or step >= allowed.size(1):
+        return log_probs
+    mask = allowed[sentences, step]
+    return log_probs.masked_fill(~(mask if vocab is None else mask[:, vocab]), float("-inf"))
+
+
 def _decode(model, state, first_tokens: torch.Tensor, max_lens, eos: int | None,
             choose: Callable[[torch.Tensor], torch.Tensor],
             on_step: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
-            stop: Callable[[], bool] | None = None) -> list[Hypothesis]:
+            stop: Callable[[], bool] | None = None, allowed: torch.Tensor | None = None) -> list[Hypothesis]:
     """One token per step per row, `choose(log_probs) -> tokens`, until EOS or the row's max length.
-    `stop()`, asked before each step, ends the search with `Stopped`."""
+    `stop()`, asked before each step, ends the search with `Stopped`; `allowed` (sentences, steps,
+    vocabulary) limits the first steps' tokens (a prefix: one token a step)."""
     batch, device = first_tokens.size(0), first_tokens.device
     max_lens = _as_lengths(max_lens, batch, device)
     steps = int(max_lens.max()) if batch else 0
@@ -120,7 +132,7 @@ def _decode(model, state, first_tokens: torch.Tensor, max_lens, eos: int | None,
         if stop is not None and stop():
             raise Stopped
         logits, state = model.step(tokens, state)
-        step_log_probs = log_probs(logits)
+        step_log_probs = restricted(log_probs(logits), allowed, rows, t, vocab)
         columns = choose(step_log_probs)
         tokens = columns if vocab is None else vocab[columns]
         if not record or record[-1][0] is not rows:
@@ -169,8 +181,8 @@ def _hypotheses(record, batch: int, steps: int, max_lens: torch.Tensor, eos: int
 
 
 @torch.no_grad()
-def greedy(model, state, first_tokens, max_lens, eos: int | None = None, stop=None) -> list[Hypothesis]:
-    return _decode(model, state, first_tokens, max_lens, eos, _argmax, stop=stop)
+def greedy(model, state, first_tokens, max_lens, eos: int | None = None, stop=None, allowed=None) -> list[Hypothesis]:
+    return _decode(model, state, first_tokens, max_lens, eos, _argmax, stop=stop, allowed=allowed)
 
 
 @torch.no_grad()
@@ -227,14 +239,15 @@ def _best_continuations(log_probs: torch.Tensor, scores: torch.Tensor, width: in
 
 @torch.no_grad()
 def beam_search(model, state, first_tokens, max_lens, beam_size: int, eos: int | None = None,
-                length_penalty: float = 1.0, nbest: int = 1, stop=None) -> list[list[Hypothesis]]:
+                length_penalty: float = 1.0, nbest: int = 1, stop=None, allowed=None) -> list[list[Hypothesis]]:
     """Batched beam search over (batch x beam) rows; returns the `nbest` best hypotheses per input.
 
     Each step takes the best 2K continuations of a sentence's K beams; those ending in EOS among
     the top K are set aside as finished (fairseq's rule), the best K others go on. A sentence is
     done when K hypotheses have finished or it reaches its max length (then its top K are
     finished as they are). Scores are log-probabilities divided by length ** length_penalty,
-    the length counting the EOS. `stop()`, asked before each step, ends the search with `Stopped`.
+    the length counting the EOS. `stop()`, asked before each step, ends the search with `Stopped`;
+    `allowed` (sentences, steps, vocabulary) limits the first steps' tokens, as in `_decode`.
     """
     if nbest > beam_size:
         raise ValueError(f"nbest ({nbest}) cannot exceed the beam size ({beam_size})")
@@ -256,7 +269,8 @@ def beam_search(model, state, first_tokens, max_lens, beam_size: int, eos: int |
         length += 1
         logits, state = model.step(tokens, state)
         n, width = active.numel(), min(2 * k, k * logits.size(-1))
-        top_scores, origin, top_tokens = _best_continuations(log_probs(logits), scores, width)
+        step_log_probs = restricted(log_probs(logits), allowed, active.repeat_interleave(k), length - 1, vocab)
+        top_scores, origin, top_tokens = _best_continuations(step_log_probs, scores, width)
         if vocab is not None:
             top_tokens = vocab[top_tokens]
         is_eos = top_tokens == eos if eos is not None else torch.zeros_like(top_tokens, dtype=torch.bool)

@@ -75,12 +75,16 @@ class Shortlist:
         """Each source sentence's target pieces, sorted."""
         return [row.nonzero().squeeze(1) for row in self.allowed(src)]
 
-    def restrict(self, src: torch.Tensor, columns: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    def restrict(self, src: torch.Tensor, columns: bool, extra: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """For a batch of source sentences src (B, S): the vocabulary columns its output layer
         computes, the union of the sentences' lists, sorted (with `columns` false: None, every
         column), and a (B, columns) bias to add to each sentence's logits, 0 at its own pieces and
-        -inf elsewhere (None for one sentence, whose list is the union)."""
+        -inf elsewhere (None for one sentence, whose list is the union). `extra` (B, vocabulary;
+        bool): pieces each sentence must keep besides (those a prefix or a constraint asks for)."""
         allowed = self.allowed(src)
+        if extra is not None:
+            allowed |= extra.cpu()
         ids = allowed.any(0).nonzero().squeeze(1) if columns else None
         if ids is not None:
             if len(allowed) == 1:

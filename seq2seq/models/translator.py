@@ -44,8 +44,9 @@ class Translator(nn.Module):
     BATCH_KEYS = ("output_ids", "output")
 
     # -- encoder ---------------------------------------------------------------------------
-    def start(self, src: torch.Tensor, src_len: torch.Tensor) -> dict:
-        """Encode a padded batch (B, S); the returned state feeds `step` and the search."""
+    def start(self, src: torch.Tensor, src_len: torch.Tensor, keep: torch.Tensor | None = None) -> dict:
+        """Encode a padded batch (B, S); the returned state feeds `step` and the search. `keep`
+        (B, vocabulary; bool): target pieces a shortlist must leave each sentence."""
         emb = self.dropout(self.embed(src))
         packed = pack_padded_sequence(emb, src_len.cpu(), batch_first=True, enforce_sorted=False)
         packed_out, final = self.encoder(packed)
@@ -66,7 +67,7 @@ class Translator(nn.Module):
         if self.cfg.input_feeding:
             state["feed"] = memory.new_zeros(src.size(0), self.cfg.emb_dim)
         if self.shortlist is not None and not self.training:
-            ids, bias = self.shortlist.restrict(src, columns=src.size(0) < SHORTLIST_ROWS_BELOW)
+            ids, bias = self.shortlist.restrict(src, columns=src.size(0) < SHORTLIST_ROWS_BELOW, extra=keep)
             if ids is not None:
                 state["output_ids"], state["output"] = ids, self._output_rows(ids)
             if bias is not None:

@@ -67,12 +67,22 @@ class TranslateRequest(Strict):
     nbest: int = Field(1, ge=1)
     attention: bool = False
     length_penalty: float = Field(1.0, ge=0.0, le=5.0)
+    split: bool = True  # a text of several sentences: each translated, joined back
+    prefix: Text | list[Text] | None = None  # what each translation starts with: one for all, or one a text
 
     @model_validator(mode="after")
     def nbest_within_beam(self):
         if self.nbest > self.beam:
             raise ValueError(f"nbest ({self.nbest}) cannot exceed beam ({self.beam})")
+        if isinstance(self.prefix, list) and len(self.prefix) != len(self.texts):
+            raise ValueError(f"prefix: {len(self.prefix)} prefixes for {len(self.texts)} texts (one a text, "
+                             "or one string for all)")
         return self
+
+    def prefixes(self) -> list[str] | None:
+        if self.prefix is None:
+            return None
+        return [self.prefix] * len(self.texts) if isinstance(self.prefix, str) else self.prefix
 
 
 class GenerateRequest(Strict):
@@ -375,6 +385,10 @@ async def translate(body: TranslateRequest, request: Request):
     if body.beam > limits.max_beam:
         raise ApiError(422, "invalid_request", f"beam: {body.beam}; the limit is {limits.max_beam}")
     check_texts(body.texts, limits)
+    for i, prefix in enumerate(body.prefixes() or []):
+        if len(prefix) > limits.max_line_chars:
+            raise ApiError(413, "too_large", f"prefix[{i}]: {len(prefix)} characters; the limit is "
+                                             f"{limits.max_line_chars}")
     lengths = [len(ids) for ids in served.tokenizer.encode([text.strip() for text in body.texts])]
     cells = decoder_cells(body.beam, lengths, served.max_len_ratio)
     if cells > limits.max_work:

@@ -50,7 +50,7 @@ class ServedModel:
         return self.description
 
 
-def translate_batch(model, tokenizer, precision):
+def translate_batch(model, tokenizer, precision, lang: str = "en"):
     """A `BatchWorker` call: translation requests (with their own beam, n-best and attention) as
     few decodes as their settings allow. A group whose clients have all gone is skipped, and a
     decode stops at the step after its last client leaves."""
@@ -59,15 +59,18 @@ def translate_batch(model, tokenizer, precision):
         results: list = [None] * len(requests)
         groups: dict[tuple, list[int]] = {}
         for i, r in enumerate(requests):
-            groups.setdefault((r.beam, r.length_penalty, r.attention), []).append(i)
-        for (beam, penalty, attention), chosen in sorted(groups.items()):
+            groups.setdefault((r.beam, r.length_penalty, r.attention, r.split), []).append(i)
+        for (beam, penalty, attention, split), chosen in sorted(groups.items()):
             if all(jobs[i].abandoned for i in chosen):
                 continue
             texts = [text for i in chosen for text in requests[i].texts]
+            prefixes = [p for i in chosen for p in requests[i].prefixes() or [""] * len(requests[i].texts)]
+            prefixes = prefixes if any(prefixes) else None
             nbest = max(requests[i].nbest for i in chosen)
             done = iter(inference.translations(model, tokenizer, texts, beam=beam, nbest=nbest,
                                                length_penalty=penalty, precision=precision, attention=attention,
-                                               stop=lambda: all(jobs[i].abandoned for i in chosen)))
+                                               stop=lambda: all(jobs[i].abandoned for i in chosen),
+                                               split=lang if split else None, prefixes=prefixes))
             for i in chosen:
                 results[i] = [_translation(next(done), requests[i].nbest, attention) for _ in requests[i].texts]
         if all(result is None for result in results):
@@ -83,6 +86,7 @@ def _translation(found: inference.Translation, nbest: int, attention: bool) -> d
         a = found.attention
         out["attention"] = None if a is None else {
             "source": a.source, "target": a.target, "weights": [[round(w, 5) for w in row] for row in a.weights.tolist()]}
+        out["alignments"] = "" if a is None else " ".join(f"{i}-{j}" for i, j in inference.word_alignments(a))
     return out
 
 
@@ -134,7 +138,7 @@ class Models:
             worker = StreamWorker(model, tokenizer, precision, limits.max_streams if limits.max_batch > 1 else 1,
                                   limits.max_queue)
         else:
-            run = translate_batch(model, tokenizer, precision) if kind == "translator" else \
+            run = translate_batch(model, tokenizer, precision, cfg.data.src_lang) if kind == "translator" else \
                 classify_batch(model, tokenizer, cfg, precision)
             worker = BatchWorker(kind, run, limits.max_batch, limits.batch_wait_ms / 1000, limits.max_queue)
         worker.start()
