@@ -246,8 +246,7 @@ def beam_search(model, state, first_tokens, max_lens, beam_size: int, eos: int |
     the top K are set aside as finished (fairseq's rule), the best K others go on. A sentence is
     done when K hypotheses have finished or it reaches its max length (then its top K are
     finished as they are). Scores are log-probabilities divided by length ** length_penalty,
-    the length counting the EOS. `stop()`, asked before each step, ends the search with `Stopped`;
-    `allowed` (sentences, steps, vocabulary) limits the first steps' tokens, as in `_decode`.
+    the length counting the EOS. `stop` and `allowed` as in `_decode`.
     """
     if nbest > beam_size:
         raise ValueError(f"nbest ({nbest}) cannot exceed the beam size ({beam_size})")

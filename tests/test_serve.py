@@ -414,3 +414,20 @@ def test_a_failed_load_shows_no_paths_on_health(tmp_path):
         assert response.status_code == 503 and "secret-place" not in response.text
         assert response.json() == {"error": "loading the models failed; the server's log says why",
                                    "type": "unavailable"}
+
+
+def test_translate_splits_paragraphs_takes_prefixes_and_returns_alignments(client):
+    paragraph = "Two dogs play in the snow. A man in a red shirt rides a bicycle. The children are laughing."
+    got = client.post("/v1/translate", json={"texts": [paragraph, "The red car is fast."], "beam": 5,
+                                             "attention": True, "prefix": ["", "Une voit"]}).json()["translations"]
+    assert got[0]["text"].startswith("Deux chiens") and got[0]["text"].count(".") == 3
+    assert got[1]["text"].startswith("Une voiture")
+    assert "0-0" in got[0]["alignments"] and len(got[0]["attention"]["target"]) > 8
+    whole = client.post("/v1/translate", json={"texts": [paragraph], "split": False}).json()["translations"]
+    assert whole[0]["text"].count(".") == 2  # whole, the model stops after two sentences
+    one = client.post("/v1/translate", json={"texts": ["Two dogs.", "A cat."], "prefix": "Un"}).json()
+    assert all(t["text"].startswith("Un") for t in one["translations"])
+    wrong = client.post("/v1/translate", json={"texts": ["a", "b"], "prefix": ["x"]})
+    assert wrong.status_code == 422 and "prefix: 1 prefixes for 2 texts" in wrong.json()["error"]
+    long = client.post("/v1/translate", json={"texts": ["a"], "prefix": "x" * 201})
+    assert long.status_code == 413 and "prefix[0]: 201 characters" in long.json()["error"]

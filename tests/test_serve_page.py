@@ -55,6 +55,13 @@ def test_the_page_translates_draws_attention_streams_and_classifies(page_url, tm
                 for (let i = 0; i < d.length; i += 4) if (d[i + 3] && (d[i] < 200 || d[i + 1] < 200)) n++; return n; }""")
             assert coloured > 500
 
+            page.type("#prefix", "Deux chie", delay=30)  # each key cancels the last; the pause asks
+            sync_api.expect(page.locator("#completion")).to_contain_text("Deux chiens", timeout=30_000)
+            page.fill("#source", "Two dogs play in the snow. A man in a red shirt rides a bicycle. The children laugh.")
+            page.fill("#prefix", "")
+            page.click("#translate")
+            sync_api.expect(page.locator("#best")).to_contain_text("enfants", timeout=30_000)  # the third sentence too
+
             page.fill("#prompt", "ROMEO:")
             page.fill("#max-chars", "1500")
             page.click("#generate")
