@@ -9,6 +9,7 @@ from seq2seq.errors import UserError
 from seq2seq.limits import LIMITS
 from conftest import ROOT, assert_one_line_error, run_cli
 
+pytestmark = pytest.mark.every_cpu  # the masks meet the shortlist and each precision's decoder: on every CPU
 MODEL = ROOT / "checkpoints" / "en-fr"
 SENTENCES = ["Two dogs play in the snow.", "A man in a red shirt rides a bicycle.", "The children are laughing.",
              "Where is the train station?", "A woman reads a book on a bench."]
