@@ -21,8 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from seq2seq import checkpoint  # noqa: E402
-from seq2seq.data import read_parallel_files, read_tsv  # noqa: E402
+from seq2seq.commands import add_test_set_args, load_test_set  # noqa: E402
 from seq2seq.inference import translate  # noqa: E402
 from seq2seq.metrics import bleu_chrf  # noqa: E402
 
@@ -41,14 +40,9 @@ def paragraphs(items: list[str]) -> list[list[str]]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("-m", "--model", type=Path, default=ROOT / "checkpoints" / "en-fr")
-    p.add_argument("--src", type=Path)
-    p.add_argument("--ref", type=Path)
-    p.add_argument("--tsv", type=Path)
-    p.add_argument("--beam", type=int, default=5)
+    add_test_set_args(p)
     args = p.parse_args()
-    pairs = read_tsv(args.tsv) if args.tsv else read_parallel_files(args.src, args.ref)
-    cfg, model, tokenizer = checkpoint.load(args.model)
+    cfg, model, tokenizer, pairs = load_test_set(args, Path(__file__).stem)
     sources = paragraphs([s.strip() for s, _ in pairs])
     references = [" ".join(group) for group in paragraphs([r.strip() for _, r in pairs])]
     lang = cfg.data.src_lang

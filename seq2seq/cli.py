@@ -101,6 +101,12 @@ def add_translate_parser(sub) -> None:
     p.add_argument("--no-split", action="store_true",
                    help="translate each line as one sentence (default: a line of several sentences is split "
                         "into them, translated, and joined back with its own spacing and line breaks)")
+    p.add_argument("--constraint", action="append", default=[], metavar="SOURCE=TARGET",
+                   help="where a line holds the source term (whole words, any case), its translation holds the "
+                        "target term, once, where the model places it best (repeatable; beam 2 or more keeps it "
+                        "fluent)")
+    p.add_argument("--glossary", type=Path, metavar="TSV",
+                   help="source<TAB>target terms, each applied as --constraint is")
     prefix = p.add_mutually_exclusive_group()
     prefix.add_argument("--prefix", metavar="TEXT",
                         help="every translation starts with TEXT, and the search goes on from there (a prefix "
@@ -287,6 +293,30 @@ def check_outputs(*paths: Path | None) -> None:
             check_writable(path)
 
 
+def read_glossary(args) -> dict[str, str] | None:
+    """--glossary's lines and the --constraint terms, {source: target}; a malformed entry is an
+    error naming it."""
+    from seq2seq.data import iter_lines
+
+    entries = []
+    if args.glossary is not None:
+        for number, line in enumerate(iter_lines(args.glossary), 1):
+            if not line.strip() or line.startswith("#"):
+                continue
+            source, tab, target = line.partition("\t")
+            entries.append((source, target if tab else "", f"{args.glossary}:{number}"))
+    for given in args.constraint:
+        source, sign, target = given.partition("=")
+        entries.append((source, target if sign else "", f"--constraint {given!r}"))
+    glossary = {}
+    for source, target, where in entries:
+        if not source.strip() or not target.strip() or "\t" in target:
+            raise UserError(f"{where}: expected a source term and a target term (SOURCE=TARGET, or "
+                            "source<TAB>target in a glossary)")
+        glossary[source.strip()] = target.strip()
+    return glossary or None
+
+
 def read_prefixes(args, count: int) -> list[str] | None:
     from seq2seq.data import read_lines
 
@@ -315,11 +345,12 @@ def cmd_translate(args) -> None:
     if args.attention_png and (not lines or not lines[0].strip()):
         raise UserError("--attention-png draws the first sentence's attention, and there is none")
     prefixes = read_prefixes(args, len(lines))
+    glossary = read_glossary(args)
     results = translations(model, tokenizer, lines, beam=args.beam, nbest=args.nbest, batch_size=args.batch_size,
                            max_len_ratio=args.max_len_ratio, length_penalty=args.length_penalty,
                            progress=len(lines) > 1000, precision=precision(args, "translator"),
                            attention=args.alignments, split=None if args.no_split else cfg.data.src_lang,
-                           prefixes=prefixes)
+                           prefixes=prefixes, glossary=glossary)
     out = []
     for number, found in enumerate(results):
         for rank, (text, score) in enumerate(found.nbest):

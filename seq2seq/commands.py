@@ -61,3 +61,31 @@ def load_kind(folder: Path | None, kind: str, device: str = "cpu"):
     if kind and cfg.kind != kind:
         raise UserError(f"{folder} holds a {cfg.kind} model; this command needs a {kind}")
     return cfg, model, tokenizer
+
+
+def add_test_set_args(p: argparse.ArgumentParser) -> None:
+    """A translator and a test set, for the scripts that measure one: -m, --src/--ref or --tsv, --beam."""
+    p.add_argument("-m", "--model", type=Path, help="translator folder (default: the released en-fr)")
+    p.add_argument("--src", type=Path, help="source sentences, one a line")
+    p.add_argument("--ref", type=Path, help="their reference translations")
+    p.add_argument("--tsv", type=Path, help="source<TAB>reference lines instead")
+    p.add_argument("--beam", type=positive_int, default=5, help="beam size (default 5)")
+
+
+def load_test_set(args, program: str):
+    """(config, model, tokenizer, pairs) of `add_test_set_args`' arguments; a bad one ends the
+    program with one line."""
+    import sys
+
+    from seq2seq import checkpoint
+    from seq2seq.data import read_parallel_files, read_tsv
+
+    try:
+        if bool(args.tsv) == bool(args.src and args.ref):
+            raise UserError("give a test set as --tsv, or as --src and --ref")
+        pairs = read_tsv(args.tsv) if args.tsv else read_parallel_files(args.src, args.ref)
+        if not pairs:
+            raise UserError(f"{args.tsv or args.src}: no sentence pairs")
+        return (*checkpoint.load(args.model or released_model("translator")), pairs)
+    except UserError as e:
+        sys.exit(f"{program}: {e}")

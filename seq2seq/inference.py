@@ -6,6 +6,7 @@ Each function takes a `precision` ("auto", "bf16", "fp32", "int8" or a resolved
 from __future__ import annotations
 
 import math
+import re
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -45,23 +46,41 @@ def max_output_lengths(src_lengths: torch.Tensor, ratio: float) -> torch.Tensor:
 
 
 def _search(decoder, ids: list[list[int]], beam: int, nbest: int, max_len_ratio: float,
-            length_penalty: float, device: torch.device, stop=None, allowed: torch.Tensor | None = None):
+            length_penalty: float, device: torch.device, stop=None, allowed: torch.Tensor | None = None,
+            constraints: list[list[list[int]]] | None = None, vocab_size: int = 0, glue: frozenset = frozenset()):
     """The `nbest` best hypotheses of each source sentence of one batch (token ids, non-empty),
     and the encoder state the search began with. `allowed` (sentences, steps, vocabulary): what
-    the first steps may produce (prefixes), whose steps add to the length limit."""
+    the first steps may produce (prefixes), whose steps add to the length limit; `constraints`:
+    per sentence, token sequences its output must hold (`search.constrained_beam_search`)."""
     src, src_len = pad(ids, PAD, eos=EOS)
     keep = None if allowed is None else (allowed & ~allowed.all(2, keepdim=True)).any(1)
+    if constraints is not None:  # a shortlist must keep the constraints' pieces
+        keep = torch.zeros(len(ids), vocab_size, dtype=torch.bool) if keep is None else keep
+        for i, phrases in enumerate(constraints):
+            keep[i, [t for phrase in phrases for t in phrase]] = True
     state = decoder.start(src.to(device), src_len, keep)
     first = torch.full((len(ids),), BOS, dtype=torch.long, device=device)
     max_lens = max_output_lengths(src_len - 1, max_len_ratio)
     if allowed is not None:
         allowed = allowed.to(device)
         max_lens = max_lens + (~allowed.all(2)).sum(1).cpu()
+    if constraints is not None:
+        max_lens = max_lens + torch.tensor([sum(map(len, phrases)) for phrases in constraints])
+        return search.constrained_beam_search(decoder, state, first, max_lens, beam, constraints, EOS, length_penalty,
+                                              nbest, stop, allowed, glue), state
     if beam == 1:
         return [[h] for h in search.greedy(decoder, state, first, max_lens, eos=EOS, stop=stop,
                                            allowed=allowed)], state
     return search.beam_search(decoder, state, first, max_lens, beam, eos=EOS, length_penalty=length_penalty,
                               nbest=nbest, stop=stop, allowed=allowed), state
+
+
+def glossary_terms(line: str, glossary: dict[str, str]) -> list[str]:
+    """The target terms of the glossary entries whose source term occurs in `line` as whole words
+    (case aside), each once, in the glossary's order."""
+    found = [target for source, target in glossary.items()
+             if source.strip() and target.strip() and re.search(rf"(?<!\w){re.escape(source.strip())}(?!\w)", line, re.I)]
+    return list(dict.fromkeys(t.strip() for t in found))
 
 
 def prefix_steps(tokenizer: SubwordTokenizer, prefix: str) -> list[list[int]]:
@@ -82,6 +101,11 @@ def prefix_steps(tokenizer: SubwordTokenizer, prefix: str) -> list[list[int]]:
     word_pieces = tokenizer.encode([word])[0]  # no piece holds the word's start: end inside its last piece
     last = pieces[word_pieces[-1]]
     return steps + [[piece] for piece in word_pieces[:-1]] + [[i for i, p in enumerate(pieces) if p.startswith(last)]]
+
+
+def _glue(tokenizer: SubwordTokenizer) -> frozenset:
+    """The pieces that continue a word: no word-start mark, a letter or digit first."""
+    return frozenset(i for i, p in enumerate(_pieces(tokenizer)) if p[:1].isalnum())
 
 
 def _pieces(tokenizer: SubwordTokenizer) -> list[str]:
@@ -145,7 +169,8 @@ class Translation:
 def translations(model: Translator, tokenizer: SubwordTokenizer, lines: list[str], beam: int = 5, nbest: int = 1,
                  batch_size: int | None = None, max_len_ratio: float = 2.0, length_penalty: float = 1.0,
                  progress: bool = False, precision: str | Precision = "auto", attention: bool = False,
-                 stop=None, split: str | None = None, prefixes: list[str] | None = None) -> list[Translation]:
+                 stop=None, split: str | None = None, prefixes: list[str] | None = None,
+                 glossary: dict[str, str] | None = None) -> list[Translation]:
     """A `Translation` per input line, in input order; a line with no pieces (empty, or nothing
     SentencePiece keeps) gives empty text and no attention. `batch_size` None: BATCH_SENTENCES a
     batch, fewer where beam x that passes BATCH_ROWS. `attention`: the best translation is read
@@ -153,15 +178,19 @@ def translations(model: Translator, tokenizer: SubwordTokenizer, lines: list[str
     `stop()`, asked between batches and decoding steps, ends the call with `search.Stopped`.
     `split`: the source language: each line is split into sentences (`seq2seq.sentences`),
     translated in one batch with the rest and joined back. `prefixes`: per line, what its
-    translation starts with (of a split line, its first sentence's)."""
+    translation starts with (of a split line, its first sentence's). `glossary` {source term:
+    target term}: where a line (a sentence, when split) holds a source term, its translation
+    holds the target term (`search.constrained_beam_search`)."""
     if split:
         return _by_sentence(lambda texts, firsts: translations(
             model, tokenizer, texts, beam, nbest, batch_size, max_len_ratio, length_penalty, progress, precision,
-            attention, stop, None, firsts), lines, split, prefixes, nbest)
+            attention, stop, None, firsts, glossary), lines, split, prefixes, nbest)
     check_limits(beam=beam, nbest=nbest, batch_size=batch_size, max_len_ratio=max_len_ratio)
     if prefixes is not None and len(prefixes) != len(lines):
         raise ValueError(f"{len(prefixes)} prefixes for {len(lines)} lines")
     steps = [prefix_steps(tokenizer, p) for p in prefixes] if prefixes else [[] for _ in lines]
+    terms = [[tokenizer.encode([target])[0] for target in glossary_terms(line, glossary)] for line in lines] \
+        if glossary else None
     device = device_of(model)
     precision = resolve_precision(precision, device, "translator")
     batch_size = batch_size or max(1, min(BATCH_SENTENCES, BATCH_ROWS // beam))
@@ -174,7 +203,9 @@ def translations(model: Translator, tokenizer: SubwordTokenizer, lines: list[str
             if stop is not None and stop():
                 raise search.Stopped
             hyps, start = _search(decoder, [ids[i] for i in batch], beam, nbest, max_len_ratio, length_penalty,
-                                  device, stop, _allowed([steps[i] for i in batch], len(tokenizer)))
+                                  device, stop, _allowed([steps[i] for i in batch], len(tokenizer)),
+                                  None if terms is None else [terms[i] for i in batch], len(tokenizer),
+                                  _glue(tokenizer) if terms else frozenset())
             # one call for the batch: SentencePiece's batch decode has a fixed cost a call
             texts = iter(tokenizer.decode([h.tokens for sentence_hyps in hyps for h in sentence_hyps]))
             maps = _attention(decoder, tokenizer, start, [ids[i] for i in batch], [h[0].tokens for h in hyps],
@@ -187,11 +218,12 @@ def translations(model: Translator, tokenizer: SubwordTokenizer, lines: list[str
 def translate(model: Translator, tokenizer: SubwordTokenizer, lines: list[str], beam: int = 5, nbest: int = 1,
               batch_size: int | None = None, max_len_ratio: float = 2.0, length_penalty: float = 1.0,
               progress: bool = False, precision: str | Precision = "auto", split: str | None = None,
-              prefixes: list[str] | None = None) -> list[list[tuple[str, float]]]:
+              prefixes: list[str] | None = None, glossary: dict[str, str] | None = None) -> list[list[tuple[str, float]]]:
     """`nbest` (text, score) pairs per input line, in input order; an empty line gives empty output.
-    `split` and `prefixes` as in `translations`."""
+    `split`, `prefixes` and `glossary` as in `translations`."""
     return [t.nbest for t in translations(model, tokenizer, lines, beam, nbest, batch_size, max_len_ratio,
-                                          length_penalty, progress, precision, split=split, prefixes=prefixes)]
+                                          length_penalty, progress, precision, split=split, prefixes=prefixes,
+                                          glossary=glossary)]
 
 
 def _by_sentence(run, lines: list[str], lang: str, prefixes: list[str] | None, nbest: int) -> list[Translation]:

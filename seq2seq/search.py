@@ -298,3 +298,157 @@ def beam_search(model, state, first_tokens, max_lens, beam_size: int, eos: int |
         seqs = torch.cat([seqs[rows_kept], next_tokens.view(-1, 1)], dim=1)
         tokens = next_tokens.view(-1)
     return [sorted(hyps, key=lambda h: -h.score)[:nbest] for hyps in finished]
+
+
+@dataclass(frozen=True)
+class Progress:
+    """A hypothesis's way through its sentence's constraints: those met, and the one under way
+    with how many of its tokens are out."""
+    met: frozenset = frozenset()
+    current: int = -1
+    position: int = 0
+    closed: bool = False  # the last token completed a constraint: the next may not glue onto its word
+
+    def tokens_out(self, constraints: list[list[int]]) -> int:
+        return sum(len(constraints[c]) for c in self.met) + self.position
+
+    def advance(self, token: int, constraints: list[list[int]]) -> "Progress":
+        """After `token`: the constraint under way goes on or is dropped (its tokens no longer
+        count), and a token that starts an unmet constraint starts it."""
+        if self.current >= 0 and constraints[self.current][self.position] == token:
+            return self._step(self.current, self.position + 1, constraints)
+        for c, phrase in enumerate(constraints):
+            if c not in self.met and phrase[0] == token:
+                return Progress(self.met)._step(c, 1, constraints)
+        return Progress(self.met)
+
+    def _step(self, c: int, position: int, constraints) -> "Progress":
+        if position == len(constraints[c]):
+            return Progress(self.met | {c}, closed=True)
+        return Progress(self.met, c, position)
+
+    def wanted(self, constraints: list[list[int]]) -> set[int]:
+        """The tokens that would take it further: the next of the constraint under way, or the
+        first of each unmet one."""
+        if self.current >= 0:
+            return {constraints[self.current][self.position]}
+        return {phrase[0] for c, phrase in enumerate(constraints) if c not in self.met}
+
+
+@torch.no_grad()
+def constrained_beam_search(model, state, first_tokens, max_lens, beam_size: int, constraints: list[list[list[int]]],
+                            eos: int, length_penalty: float = 1.0, nbest: int = 1, stop=None,
+                            allowed=None, glue: frozenset = frozenset()) -> list[list[Hypothesis]]:
+    """Beam search in which a hypothesis may end only once it holds each of its sentence's
+    constraints (token sequences), with dynamic beam allocation (Post & Vilar 2018): each step's
+    candidates are the best 2K continuations of the K beams plus, for every beam, the tokens that
+    advance its constraints; the K slots are shared out among banks of hypotheses by how many
+    constraint tokens they hold, fullest first, so that hypotheses that took a constraint are not
+    crowded out by those that have not. The choice runs in Python per sentence: its cost grows
+    with K and the constraints, not with the vocabulary. `glue`: the tokens that continue a word
+    (not one that starts one), which may not follow a completed constraint, so that a term is
+    not turned into a longer word. `stop` and `allowed` as in `_decode`."""
+    batch, k, device = first_tokens.size(0), beam_size, first_tokens.device
+    max_lens = _as_lengths(max_lens, batch, device).tolist()
+    state = model.reorder_state(state, torch.arange(batch, device=device).repeat_interleave(k), None)
+    tokens = first_tokens.repeat_interleave(k)
+    beams = [[(0.0, [], Progress())] + [(float("-inf"), [], Progress())] * (k - 1) for _ in range(batch)]
+    finished: list[list[Hypothesis]] = [[] for _ in range(batch)]
+    active, vocab, length = list(range(batch)), output_ids(state), 0
+    table = None if vocab is None else vocab.tolist()
+    column = None if vocab is None else {v: i for i, v in enumerate(table)}
+    while active:
+        if stop is not None and stop():
+            raise Stopped
+        length += 1
+        logits, state = model.step(tokens, state)
+        step_log_probs = restricted(log_probs(logits), allowed, torch.tensor(active, device=device).repeat_interleave(k),
+                                    length - 1, vocab)
+        options = _options(step_log_probs, beams, active, constraints, k, eos, table, column, glue)
+        next_beams, rows, kept = [], [], []
+        for s, sent in enumerate(active):
+            candidates = [(beams[sent][b][0] + value, b, token, beams[sent][b][2].advance(token, constraints[sent]))
+                          for (b, token), value in options[s].items()]
+            candidates.sort(key=lambda c: -c[0])
+            ending, going = _allocate(candidates, k, constraints[sent], eos)
+            finished[sent] += [Hypothesis(beams[sent][b][1], score / length ** length_penalty)
+                               for score, b, _, _ in ending]
+            if length >= max_lens[sent]:
+                finished[sent] += [Hypothesis(beams[sent][b][1] + [token], score / length ** length_penalty)
+                                   for score, b, token, _ in _out_of_length(candidates, going, k, constraints[sent],
+                                                                            eos, finished[sent])]
+            if len(finished[sent]) >= k or length >= max_lens[sent] or not going:
+                continue
+            going += [(float("-inf"),) + going[0][1:]] * (k - len(going))
+            next_beams.append((sent, [(score, beams[sent][b][1] + [token], p) for score, b, token, p in going]))
+            rows += [s * k + b for _, b, _, _ in going]
+            kept.append(s)
+        if not next_beams:
+            break
+        for sent, new in next_beams:
+            beams[sent] = new
+        state = model.reorder_state(state, torch.tensor(rows, device=device),
+                                    torch.tensor(kept, device=device) if len(kept) < len(active) else None)
+        tokens = torch.tensor([seq[-1] for sent, new in next_beams for _, seq, _ in new], device=device)
+        active = [sent for sent, _ in next_beams]
+    return [sorted(hyps, key=lambda h: -h.score)[:nbest] for hyps in finished]
+
+
+def _options(step_log_probs: torch.Tensor, beams, active: list[int], constraints, k: int, eos: int, table, column,
+             glue: frozenset):
+    """Per active sentence, {(beam, token): log-probability} of the continuations worth weighing:
+    each live beam's best 2K tokens, the tokens that advance its constraints, and EOS; after a
+    completed constraint, no token of `glue`."""
+    top_values, top_columns = (x.tolist() for x in _topk(step_log_probs, min(2 * k, step_log_probs.size(-1))))
+    wanted = [(s, b, token) for s, sent in enumerate(active) for b, (score, _, progress) in enumerate(beams[sent])
+              if score > float("-inf") for token in progress.wanted(constraints[sent]) | {eos}]
+    cols = [token if column is None else column.get(token, -1) for _, _, token in wanted]
+    values = step_log_probs[[s * k + b for s, b, _ in wanted], [max(c, 0) for c in cols]].tolist() if wanted else []
+    options = [{} for _ in active]
+    for s, sent in enumerate(active):
+        for b, (score, _, _) in enumerate(beams[sent]):
+            if score > float("-inf"):
+                row = s * k + b
+                options[s].update({(b, c if table is None else table[c]): v
+                                   for v, c in zip(top_values[row], top_columns[row])})
+    for (s, b, token), c, v in zip(wanted, cols, values):
+        options[s][(b, token)] = v if c >= 0 else float("-inf")
+    for s, sent in enumerate(active):
+        options[s] = {(b, token): v for (b, token), v in options[s].items()
+                      if v > float("-inf") and not (beams[sent][b][2].closed and token in glue)}
+    return options
+
+
+def _out_of_length(candidates: list, going: list, k: int, constraints: list[list[int]], eos: int,
+                   finished: list) -> list:
+    """The hypotheses that end as they are at the length limit: without constraints, the best K
+    (as `beam_search` ends them); with them, if none has ended, those holding the most."""
+    if not constraints:
+        return [c for c in candidates[:k] if c[2] != eos]
+    if finished or not going:
+        return []
+    most = max(c[3].tokens_out(constraints) for c in going)
+    return [c for c in going if c[3].tokens_out(constraints) == most]
+
+
+def _allocate(candidates: list, k: int, constraints: list[list[int]], eos: int) -> tuple[list, list]:
+    """From `candidates` (score, beam, token, progress), best first: those that end, and K that go
+    on. EOS is allowed only to hypotheses holding every constraint; one ends where it ranks among
+    the best K (beam search's rule) or where dynamic beam allocation over the banks of constraint
+    tokens held would give it a slot. The K going on are chosen by that allocation among the
+    others: each bank its share, fullest first, then the best of the rest. Without constraints
+    this is `beam_search`'s choice."""
+    candidates = [c for c in candidates if c[2] != eos or len(c[3].met) == len(constraints)]
+    allocated = _banks(candidates, k, constraints)
+    ending = [c for rank, c in enumerate(candidates) if c[2] == eos and (rank < k or c in allocated)]
+    return ending, _banks([c for c in candidates if c[2] != eos], k, constraints)
+
+
+def _banks(candidates: list, k: int, constraints: list[list[int]]) -> list:
+    banks: list[list] = [[] for _ in range(sum(map(len, constraints)) + 1)]
+    for candidate in candidates:
+        banks[candidate[3].tokens_out(constraints)].append(candidate)
+    share = max(1, k // len(banks))
+    chosen = [c for bank in reversed(banks) for c in bank[:share]][:k]  # more banks than K: the fullest
+    rest = sorted((c for bank in banks for c in bank[share:]), key=lambda c: -c[0])
+    return sorted(chosen + rest[: k - len(chosen)], key=lambda c: -c[0])

@@ -61,6 +61,10 @@ def test_the_page_translates_draws_attention_streams_and_classifies(page_url, tm
             page.fill("#prefix", "")
             page.click("#translate")
             sync_api.expect(page.locator("#best")).to_contain_text("enfants", timeout=30_000)  # the third sentence too
+            page.fill("#glossary", "bicycle = bicyclette")
+            page.click("#translate")
+            sync_api.expect(page.locator("#best")).to_contain_text("bicyclette", timeout=30_000)
+            page.fill("#glossary", "")
 
             page.fill("#prompt", "ROMEO:")
             page.fill("#max-chars", "1500")

@@ -1,6 +1,8 @@
 """Translation people can steer: paragraphs split into sentences and joined back, prefixes the
 output must start with (ending inside a word included), word alignments from the attention of the
 returned text; through the library, the command line and the server."""
+import re
+
 import pytest
 import torch
 
@@ -123,3 +125,60 @@ def test_the_command_line_splits_prefixes_and_aligns(tmp_path):
     prefixes.write_text("Deux\n")
     result = run_cli("translate", "-i", source, "--prefix-file", prefixes)
     assert_one_line_error(result, "prefixes.txt: 1 prefixes for 3 input lines")
+
+
+def contains(sequence: list[int], phrase: list[int]) -> bool:
+    return any(sequence[i : i + len(phrase)] == phrase for i in range(len(sequence) - len(phrase) + 1))
+
+
+@pytest.mark.parametrize("beam", [2, 4])
+def test_constrained_search_ends_only_hypotheses_holding_every_constraint(beam):
+    from conftest import random_batch, small_translator
+    from seq2seq.tokenizer import BOS, EOS
+
+    model = small_translator(seed=3)
+    src, src_len = random_batch(seed=4, batch=4)
+    constraints = [[[7, 8]], [[9], [12, 13, 14]], [], [[20]]]
+    first = torch.full((4,), BOS)
+    with torch.no_grad():
+        batched = search.constrained_beam_search(model, model.start(src, src_len), first, 30, beam, constraints, EOS,
+                                                 nbest=2)
+        for i, hyps in enumerate(batched):
+            assert hyps and all(all(contains(h.tokens, c) for c in constraints[i]) for h in hyps), (i, hyps)
+            alone = search.constrained_beam_search(model, model.start(src[i : i + 1, : src_len[i]], src_len[i : i + 1]),
+                                                   first[:1], 30, beam, [constraints[i]], EOS, nbest=2)[0]
+            assert [h.tokens for h in alone] == [h.tokens for h in hyps]  # batched equals one by one
+        plain = search.beam_search(model, model.start(src, src_len), first, 30, beam, eos=EOS)
+    assert batched[2][0].tokens == plain[2][0].tokens  # no constraints: the plain beam search's choice
+
+
+def test_a_glossary_puts_its_terms_in_fluent_places(released):
+    model, tokenizer = released
+    lines = ["Two dogs play in the snow.", "A man rides a bicycle down the street.", "The children are playing.",
+             "Where is the train station?"]
+    glossary = {"play": "s'amusent", "bicycle": "bicyclette", "children": "gamins", "nowhere": "nulle part"}
+    got = inference.translate(model, tokenizer, lines, beam=5, nbest=2, glossary=glossary)
+    assert got[0][0][0] == "Deux chiens s'amusent dans la neige."
+    assert got[1][0][0] == "Un homme fait de la bicyclette dans la rue."
+    assert all("gamins" in text for text, _ in got[2])
+    assert got[3][0][0] == inference.translate(model, tokenizer, lines[3:], beam=5)[0][0][0]  # no term in it
+    composed = inference.translate(model, tokenizer, ["Two dogs play in the snow. The children are playing."], beam=5,
+                                   nbest=3, split="en", prefixes=["Deux chiens"], glossary=glossary)[0]
+    assert all(t.startswith("Deux chiens") and "s'amusent" in t and "gamins" in t for t, _ in composed)
+
+
+def test_terms_are_not_glued_onto_longer_words(released):
+    model, tokenizer = released
+    text = inference.translate(model, tokenizer, ["A man is cutting branches off other trees."], beam=5,
+                               glossary={"trees": "arbre"})[0][0][0]
+    assert re.search(r"(?<!\w)arbre(?!\w)", text), text
+
+
+def test_glossary_and_constraints_on_the_command_line(tmp_path):
+    glossary = tmp_path / "terms.tsv"
+    glossary.write_text("# source<TAB>target\nbicycle\tbicyclette\n")
+    out = run_cli("translate", "--glossary", glossary, "--constraint", "play=s'amusent", "--beam", "5",
+                  "A man rides a bicycle.", "Two dogs play in the snow.").stdout.splitlines()
+    assert "bicyclette" in out[0] and "s'amusent" in out[1]
+    glossary.write_text("bicycle bicyclette\n")
+    assert_one_line_error(run_cli("translate", "--glossary", glossary, "Hi."), "terms.tsv:1: expected a source term")

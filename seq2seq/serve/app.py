@@ -36,6 +36,7 @@ from seq2seq.serve.workers import QueueFull, Stream
 log = logging.getLogger("seq2seq.serve")
 
 STREAM_FLUSH_S = 0.02
+MAX_CONSTRAINTS, MAX_TERM_CHARS = 16, 100  # a request's terminology: each term costs the search a bank
 
 
 class ApiError(Exception):
@@ -69,6 +70,7 @@ class TranslateRequest(Strict):
     length_penalty: float = Field(1.0, ge=0.0, le=5.0)
     split: bool = True  # a text of several sentences: each translated, joined back
     prefix: Text | list[Text] | None = None  # what each translation starts with: one for all, or one a text
+    constraints: dict[Text, Text] | None = None  # {source term: target term}, applied where the source occurs
 
     @model_validator(mode="after")
     def nbest_within_beam(self):
@@ -385,6 +387,13 @@ async def translate(body: TranslateRequest, request: Request):
     if body.beam > limits.max_beam:
         raise ApiError(422, "invalid_request", f"beam: {body.beam}; the limit is {limits.max_beam}")
     check_texts(body.texts, limits)
+    if body.constraints and len(body.constraints) > MAX_CONSTRAINTS:
+        raise ApiError(422, "invalid_request", f"constraints: {len(body.constraints)} terms; the limit is "
+                                               f"{MAX_CONSTRAINTS}")
+    for term in [*(body.constraints or {}).keys(), *(body.constraints or {}).values()]:
+        if not term.strip() or len(term) > MAX_TERM_CHARS:
+            raise ApiError(422, "invalid_request", f"constraints: a term of {len(term)} characters; each is 1 "
+                                                   f"to {MAX_TERM_CHARS}")
     for i, prefix in enumerate(body.prefixes() or []):
         if len(prefix) > limits.max_line_chars:
             raise ApiError(413, "too_large", f"prefix[{i}]: {len(prefix)} characters; the limit is "

@@ -59,8 +59,9 @@ def translate_batch(model, tokenizer, precision, lang: str = "en"):
         results: list = [None] * len(requests)
         groups: dict[tuple, list[int]] = {}
         for i, r in enumerate(requests):
-            groups.setdefault((r.beam, r.length_penalty, r.attention, r.split), []).append(i)
-        for (beam, penalty, attention, split), chosen in sorted(groups.items()):
+            terms = tuple(sorted((r.constraints or {}).items()))
+            groups.setdefault((r.beam, r.length_penalty, r.attention, r.split, terms), []).append(i)
+        for (beam, penalty, attention, split, terms), chosen in sorted(groups.items()):
             if all(jobs[i].abandoned for i in chosen):
                 continue
             texts = [text for i in chosen for text in requests[i].texts]
@@ -70,7 +71,8 @@ def translate_batch(model, tokenizer, precision, lang: str = "en"):
             done = iter(inference.translations(model, tokenizer, texts, beam=beam, nbest=nbest,
                                                length_penalty=penalty, precision=precision, attention=attention,
                                                stop=lambda: all(jobs[i].abandoned for i in chosen),
-                                               split=lang if split else None, prefixes=prefixes))
+                                               split=lang if split else None, prefixes=prefixes,
+                                               glossary=dict(terms) or None))
             for i in chosen:
                 results[i] = [_translation(next(done), requests[i].nbest, attention) for _ in requests[i].texts]
         if all(result is None for result in results):

@@ -1,0 +1,123 @@
+#!/usr/bin/env python
+"""A terminology test set built from a test set, and what lexically constrained decoding does on it.
+One JSON object (and the glossary as TSV with --glossary-output).
+
+  python scripts/terminology.py --src "$SEQ2SEQ_DATA/multi30k-en-fr/test_2016_flickr.en" \\
+      --ref "$SEQ2SEQ_DATA/multi30k-en-fr/test_2016_flickr.fr"
+  python scripts/terminology.py --tsv "$SEQ2SEQ_DATA/tatoeba-en-fr/test.tsv"
+
+The rule: each sentence is translated without constraints (beam 5); the reference's content words
+(4 letters or more, not a French function word) that the translation lacks are its candidates, and
+the first two become its terms, each paired with the source word the reference's own attention
+aligns it to (the reference read back teacher-forced). Then every sentence with terms is decoded
+with them as its glossary. Reported: term coverage (the share of terms whose target word the
+constrained output holds), BLEU of the whole test set without and with the constraints, and the
+seconds of the constrained sentences both ways.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from seq2seq import inference  # noqa: E402
+from seq2seq.commands import add_test_set_args, load_test_set  # noqa: E402
+from seq2seq.data import pad  # noqa: E402
+from seq2seq.device import resolve_precision  # noqa: E402
+from seq2seq.metrics import bleu_chrf  # noqa: E402
+from seq2seq.tokenizer import BOS, EOS, PAD  # noqa: E402
+
+FUNCTION_WORDS = set("""avec dans pour sous sur vers chez entre leur leurs cette celui celle ceux elles nous vous
+ils elle mais donc puis très plus moins tout tous toute toutes être avoir sont était fait font peut veux
+suis avez avons sera était étaient quand comme aussi encore alors""".split())
+WORD = re.compile(r"[\w'’-]+")
+
+
+def words(text: str) -> list[str]:
+    return [w.strip("'’-") for w in text.split()]
+
+
+def candidates(reference: str, hypothesis: str) -> list[int]:
+    """Indices (whitespace words of the reference) of content words the hypothesis lacks."""
+    held = {w.lower() for w in WORD.findall(hypothesis)}
+    out = []
+    for i, raw in enumerate(reference.split()):
+        word = WORD.search(raw)
+        if word and len(word.group()) >= 4 and word.group().lower() not in FUNCTION_WORDS and \
+                word.group().lower() not in held and word.group().isalpha():
+            out.append(i)
+    return out
+
+
+def aligned_source(decoder, tokenizer, source: str, reference: str) -> dict[int, int]:
+    """{reference word index: source word index} from the reference read back teacher-forced."""
+    src_ids, tgt_ids = tokenizer.encode([source])[0], tokenizer.encode([reference])[0]
+    src, src_len = pad([src_ids], PAD, eos=EOS)
+    weights = decoder.attention_weights(decoder.start(src, src_len), torch.tensor([[BOS] + tgt_ids]))[0].float()
+    pieces = tokenizer.sp.id_to_piece
+    attention = inference.Attention(weights, [pieces(i) for i in src_ids] + ["</s>"],
+                                    [pieces(i) for i in tgt_ids] + ["</s>"])
+    return {j: i for i, j in inference.word_alignments(attention)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_test_set_args(p)
+    p.add_argument("--glossary-output", type=Path, help="write the terms here: line<TAB>source<TAB>target")
+    args = p.parse_args()
+    _, model, tokenizer, pairs = load_test_set(args, Path(__file__).stem)
+    sources, references = [s.strip() for s, _ in pairs], [r.strip() for _, r in pairs]
+    plain = [h[0][0] for h in inference.translate(model, tokenizer, sources, beam=args.beam)]
+    glossaries: dict[int, dict[str, str]] = {}
+    with inference.decoding(model, resolve_precision("auto", torch.device("cpu"), "translator")) as decoder:
+        for n, (source, reference, hypothesis) in enumerate(zip(sources, references, plain)):
+            missed = candidates(reference, hypothesis)[:2]
+            if not missed:
+                continue
+            alignment = aligned_source(decoder, tokenizer, source, reference)
+            source_words, reference_words = source.split(), reference.split()
+            terms = {}
+            for j in missed:
+                if j in alignment and alignment[j] < len(source_words):
+                    source_word = WORD.search(source_words[alignment[j]])
+                    if source_word:
+                        terms[source_word.group()] = WORD.search(reference_words[j]).group()
+            if terms:
+                glossaries[n] = terms
+    chosen = sorted(glossaries)
+    started = time.perf_counter()
+    for n in chosen:  # the same sentences one call each, as the constrained ones run
+        inference.translate(model, tokenizer, [sources[n]], beam=args.beam)
+    plain_seconds = time.perf_counter() - started
+    started = time.perf_counter()
+    constrained = [inference.translate(model, tokenizer, [sources[n]], beam=args.beam, glossary=glossaries[n])[0][0][0]
+                   for n in chosen]
+    constrained_seconds = time.perf_counter() - started
+    steered = list(plain)
+    for n, text in zip(chosen, constrained):
+        steered[n] = text
+    terms = [(n, target) for n in chosen for target in glossaries[n].values()]
+    covered = sum(bool(re.search(rf"(?<!\w){re.escape(target)}(?!\w)", steered[n], re.I)) for n, target in terms)
+    if args.glossary_output:
+        args.glossary_output.write_text("".join(f"{n + 1}\t{s}\t{t}\n" for n in chosen for s, t in glossaries[n].items()),
+                                        encoding="utf-8")
+    missed = [(n + 1, target, steered[n]) for n, target in terms
+              if not re.search(rf"(?<!\w){re.escape(target)}(?!\w)", steered[n], re.I)]
+    print(json.dumps({"missed": missed[:5],
+        "test_set": str(args.tsv or args.src), "sentences": len(pairs), "sentences_with_terms": len(chosen),
+        "terms": len(terms), "term_coverage": round(covered / max(len(terms), 1), 4),
+        "bleu_unconstrained": bleu_chrf(plain, references)["bleu"], "bleu_constrained": bleu_chrf(steered, references)["bleu"],
+        "seconds_unconstrained": round(plain_seconds, 2), "seconds_constrained": round(constrained_seconds, 2),
+        "ms_per_term": round(1000 * (constrained_seconds - plain_seconds) / max(len(terms), 1), 2)}))
+
+
+if __name__ == "__main__":
+    main()
