@@ -12,7 +12,8 @@ the first two become its terms, each paired with the source word the reference's
 aligns it to (the reference read back teacher-forced). Then every sentence with terms is decoded
 with them as its glossary. Reported: term coverage (the share of terms whose target word the
 constrained output holds), BLEU of the whole test set without and with the constraints, and the
-seconds of the constrained sentences both ways.
+seconds of the constrained sentences both ways, and the share of terms whose target word the
+output's word alignments (`inference.word_alignments`) link to the term's source word.
 """
 from __future__ import annotations
 
@@ -68,6 +69,23 @@ def aligned_source(decoder, tokenizer, source: str, reference: str) -> dict[int,
     return {j: i for i, j in inference.word_alignments(attention)}
 
 
+def aligned_terms(model, tokenizer, sources: list[str], glossaries: list[dict[str, str]], beam: int) -> int:
+    """How many terms' target words the constrained output aligns to their source words."""
+    linked = 0
+    for source, glossary in zip(sources, glossaries):
+        found = inference.translations(model, tokenizer, [source], beam=beam, attention=True, glossary=glossary)[0]
+        if found.attention is None:
+            continue
+        pairs = set(inference.word_alignments(found.attention))
+        source_words, output_words = source.split(), found.nbest[0][0].split()
+        for source_term, target_term in glossary.items():
+            at_source = [i for i, w in enumerate(source_words) if WORD.search(w) and WORD.search(w).group() == source_term]
+            at_target = [j for j, w in enumerate(output_words)
+                         if re.search(rf"(?<!\w){re.escape(target_term)}(?!\w)", w, re.I)]
+            linked += any((i, j) in pairs for i in at_source for j in at_target)
+    return linked
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_test_set_args(p)
@@ -106,6 +124,7 @@ def main() -> None:
         steered[n] = text
     terms = [(n, target) for n in chosen for target in glossaries[n].values()]
     covered = sum(bool(re.search(rf"(?<!\w){re.escape(target)}(?!\w)", steered[n], re.I)) for n, target in terms)
+    linked = aligned_terms(model, tokenizer, [sources[n] for n in chosen], [glossaries[n] for n in chosen], args.beam)
     if args.glossary_output:
         args.glossary_output.write_text("".join(f"{n + 1}\t{s}\t{t}\n" for n in chosen for s, t in glossaries[n].items()),
                                         encoding="utf-8")
@@ -116,7 +135,8 @@ def main() -> None:
         "terms": len(terms), "term_coverage": round(covered / max(len(terms), 1), 4),
         "bleu_unconstrained": bleu_chrf(plain, references)["bleu"], "bleu_constrained": bleu_chrf(steered, references)["bleu"],
         "seconds_unconstrained": round(plain_seconds, 2), "seconds_constrained": round(constrained_seconds, 2),
-        "ms_per_term": round(1000 * (constrained_seconds - plain_seconds) / max(len(terms), 1), 2)}))
+        "ms_per_term": round(1000 * (constrained_seconds - plain_seconds) / max(len(terms), 1), 2),
+        "terms_aligned": round(linked / max(len(terms), 1), 4)}))
 
 
 if __name__ == "__main__":

@@ -431,3 +431,13 @@ def test_translate_splits_paragraphs_takes_prefixes_and_returns_alignments(clien
     assert wrong.status_code == 422 and "prefix: 1 prefixes for 2 texts" in wrong.json()["error"]
     long = client.post("/v1/translate", json={"texts": ["a"], "prefix": "x" * 201})
     assert long.status_code == 413 and "prefix[0]: 201 characters" in long.json()["error"]
+
+
+def test_translate_takes_constraints_bounded_like_every_field(client):
+    got = client.post("/v1/translate", json={"texts": ["A man rides a bicycle.", "Two dogs play."], "beam": 4,
+                                             "constraints": {"bicycle": "bicyclette"}}).json()["translations"]
+    assert "bicyclette" in got[0]["text"] and "bicyclette" not in got[1]["text"]
+    many = client.post("/v1/translate", json={"texts": ["a"], "constraints": {str(i): "x" for i in range(17)}})
+    assert many.status_code == 422 and "constraints: 17 terms; the limit is 16" in many.json()["error"]
+    empty = client.post("/v1/translate", json={"texts": ["a"], "constraints": {"a": " "}})
+    assert empty.status_code == 422 and "each is 1 to 100" in empty.json()["error"]

@@ -1,6 +1,7 @@
 """Translation people can steer: paragraphs split into sentences and joined back, prefixes the
 output must start with (ending inside a word included), word alignments from the attention of the
-returned text; through the library, the command line and the server."""
+returned text, terminology through lexically constrained beam search; through the library and the
+command line (the server's side is in test_serve.py, the page's in test_serve_page.py)."""
 import re
 
 import pytest
@@ -182,3 +183,4 @@ def test_glossary_and_constraints_on_the_command_line(tmp_path):
     assert "bicyclette" in out[0] and "s'amusent" in out[1]
     glossary.write_text("bicycle bicyclette\n")
     assert_one_line_error(run_cli("translate", "--glossary", glossary, "Hi."), "terms.tsv:1: expected a source term")
+

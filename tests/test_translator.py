@@ -214,3 +214,48 @@ def test_attention_is_read_from_the_returned_text_on_the_searchs_own_encoder_sta
             assert got.shape == (len(target) + 1, len(line_ids) + 1)
             assert torch.allclose(got, fresh.float(), atol=tolerance), (got - fresh).abs().max()
             assert torch.allclose(got.sum(1), torch.ones(len(got)), atol=1e-3)
+
+
+def synthetic_pairs(count: int, order, seed: int) -> list[tuple[list[int], list[int]]]:
+    """Source words 4..19, each translated to itself + 16, in `order` (a list -> a list)."""
+    g = torch.Generator().manual_seed(seed)
+    pairs = []
+    for _ in range(count):
+        source = (torch.randperm(16, generator=g)[: int(torch.randint(3, 7, (), generator=g))] + 4).tolist()
+        pairs.append((source, order([w + 16 for w in source])))
+    return pairs
+
+
+@pytest.mark.parametrize("name, order", [("monotone", lambda ws: ws), ("swapped", lambda ws: ws[::-1])])
+def test_alignments_recover_a_known_word_order_from_a_trained_model(name, order):
+    """A tiny model trained on synthetic pairs whose alignment is known, in order or reversed:
+    the alignments of its translations of new sentences are that alignment."""
+    from seq2seq import inference
+    from seq2seq.tokenizer import BOS, EOS, PAD
+
+    model = small_translator(seed=1, vocab=40, attention="dot", enc_hidden=32, dec_hidden=64, emb_dim=32).train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for step in range(300):
+        batch = synthetic_pairs(64, order, seed=step)
+        src, src_len = pad([s for s, _ in batch], PAD, eos=EOS)
+        tgt, _ = pad([[BOS] + t + [EOS] for _, t in batch], PAD)
+        logits = model(src, src_len, tgt[:, :-1])
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, 40), tgt[:, 1:].reshape(-1), ignore_index=PAD)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    right = total = 0
+    with torch.no_grad():
+        for source, target in synthetic_pairs(30, order, seed=10_000):
+            src, src_len = pad([source], PAD, eos=EOS)
+            state = model.start(src, src_len)
+            out = search.greedy(model, state, torch.tensor([BOS]), len(source) + 3, eos=EOS)[0].tokens
+            weights = model.attention_weights(state, torch.tensor([[BOS] + out]))[0]
+            attention = inference.Attention(weights, [f"\u2581s{w}" for w in source] + ["</s>"],
+                                            [f"\u2581t{w}" for w in out] + ["</s>"])
+            expected = {(source.index(w - 16), j) for j, w in enumerate(out) if w - 16 in source}
+            got = set(inference.word_alignments(attention))
+            right += len(expected & got)
+            total += len(expected)
+    assert total >= 90 and right / total >= 0.9, (name, right, total)
