@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-DOCS = [ROOT / "README.md", ROOT / "checkpoints" / "README.md", *sorted(ROOT.glob("checkpoints/*/README.md"))]
+DOCS = [ROOT / "README.md", ROOT / "docs" / "training.md", ROOT / "checkpoints" / "README.md",
+        *sorted(ROOT.glob("checkpoints/*/README.md"))]
 RELEASED = {"checkpoints/en-fr", "checkpoints/shakespeare", "checkpoints/sst2"}
 COMMANDS = {"translate", "generate", "evaluate", "plot", "classify"}
 OUTPUTS = {"-o", "--output", "--hyp-output", "--attention-png"}
