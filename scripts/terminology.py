@@ -24,17 +24,12 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from seq2seq import inference  # noqa: E402
 from seq2seq.commands import add_test_set_args, load_test_set  # noqa: E402
-from seq2seq.data import pad  # noqa: E402
-from seq2seq.device import resolve_precision  # noqa: E402
 from seq2seq.metrics import bleu_chrf  # noqa: E402
-from seq2seq.tokenizer import BOS, EOS, PAD  # noqa: E402
 
 FUNCTION_WORDS = set("""avec dans pour sous sur vers chez entre leur leurs cette celui celle ceux elles nous vous
 ils elle mais donc puis très plus moins tout tous toute toutes être avoir sont était fait font peut veux
@@ -56,17 +51,6 @@ def candidates(reference: str, hypothesis: str) -> list[int]:
                 word.group().lower() not in held and word.group().isalpha():
             out.append(i)
     return out
-
-
-def aligned_source(decoder, tokenizer, source: str, reference: str) -> dict[int, int]:
-    """{reference word index: source word index} from the reference read back teacher-forced."""
-    src_ids, tgt_ids = tokenizer.encode([source])[0], tokenizer.encode([reference])[0]
-    src, src_len = pad([src_ids], PAD, eos=EOS)
-    weights = decoder.attention_weights(decoder.start(src, src_len), torch.tensor([[BOS] + tgt_ids]))[0].float()
-    pieces = tokenizer.sp.id_to_piece
-    attention = inference.Attention(weights, [pieces(i) for i in src_ids] + ["</s>"],
-                                    [pieces(i) for i in tgt_ids] + ["</s>"])
-    return {j: i for i, j in inference.word_alignments(attention)}
 
 
 def aligned_terms(model, tokenizer, sources: list[str], glossaries: list[dict[str, str]], beam: int) -> int:
@@ -95,21 +79,20 @@ def main() -> None:
     sources, references = [s.strip() for s, _ in pairs], [r.strip() for _, r in pairs]
     plain = [h[0][0] for h in inference.translate(model, tokenizer, sources, beam=args.beam)]
     glossaries: dict[int, dict[str, str]] = {}
-    with inference.decoding(model, resolve_precision("auto", torch.device("cpu"), "translator")) as decoder:
-        for n, (source, reference, hypothesis) in enumerate(zip(sources, references, plain)):
-            missed = candidates(reference, hypothesis)[:2]
-            if not missed:
-                continue
-            alignment = aligned_source(decoder, tokenizer, source, reference)
-            source_words, reference_words = source.split(), reference.split()
-            terms = {}
-            for j in missed:
-                if j in alignment and alignment[j] < len(source_words):
-                    source_word = WORD.search(source_words[alignment[j]])
-                    if source_word:
-                        terms[source_word.group()] = WORD.search(reference_words[j]).group()
-            if terms:
-                glossaries[n] = terms
+    missed = {n: candidates(references[n], plain[n])[:2] for n in range(len(pairs))}
+    missed = {n: js for n, js in missed.items() if js and tokenizer.encode([references[n]])[0]}
+    readings = inference.read_back(model, tokenizer, [sources[n] for n in missed], [references[n] for n in missed])
+    for (n, js), reading in zip(missed.items(), readings):  # the reference's own attention: its words' sources
+        alignment = {j: i for i, j in inference.word_alignments(reading)}
+        source_words, reference_words = sources[n].split(), references[n].split()
+        terms = {}
+        for j in js:
+            if j in alignment and alignment[j] < len(source_words):
+                source_word = WORD.search(source_words[alignment[j]])
+                if source_word:
+                    terms[source_word.group()] = WORD.search(reference_words[j]).group()
+        if terms:
+            glossaries[n] = terms
     chosen = sorted(glossaries)
     started = time.perf_counter()
     for n in chosen:  # the same sentences one call each, as the constrained ones run

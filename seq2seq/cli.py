@@ -465,20 +465,11 @@ def labelled_file(path: Path) -> bool:
 
 
 def evaluate_translator(args, model, tokenizer) -> dict:
-    from seq2seq.data import read_parallel_files, read_tsv
+    from seq2seq.commands import read_test_pairs
     from seq2seq.inference import translate
     from seq2seq.metrics import bleu_chrf
 
-    if args.tsv and (args.src or args.ref):
-        raise UserError("give a test set as --tsv or as --src and --ref, not both")
-    if args.tsv:
-        pairs = read_tsv(args.tsv, args.skip_bad_lines)
-    elif args.src and args.ref:
-        pairs = read_parallel_files(args.src, args.ref)
-    else:
-        raise UserError("evaluating a translator needs --src and --ref, or --tsv")
-    if not pairs:
-        raise UserError(f"{args.tsv or args.src}: no sentence pairs to evaluate")
+    pairs = read_test_pairs(args.tsv, args.src, args.ref, args.skip_bad_lines)
     sources = {s.strip() for s, _ in pairs}
     if len(pairs) >= 10 and len(sources) <= 5:
         raise UserError(f"{args.tsv or args.src}: the source side holds only {', '.join(sorted(sources)[:5])}: "

@@ -72,20 +72,33 @@ def add_test_set_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--beam", type=positive_int, default=5, help="beam size (default 5)")
 
 
+def read_test_pairs(tsv: Path | None, src: Path | None, ref: Path | None,
+                    skip_bad_lines: bool = False) -> list[tuple[str, str]]:
+    """A translation test set given as --tsv, or as --src and --ref; one-line errors otherwise."""
+    from seq2seq.data import read_parallel_files, read_tsv
+
+    if tsv and (src or ref):
+        raise UserError("give a test set as --tsv or as --src and --ref, not both")
+    if tsv:
+        pairs = read_tsv(tsv, skip_bad_lines)
+    elif src and ref:
+        pairs = read_parallel_files(src, ref)
+    else:
+        raise UserError("evaluating a translator needs --src and --ref, or --tsv")
+    if not pairs:
+        raise UserError(f"{tsv or src}: no sentence pairs to evaluate")
+    return pairs
+
+
 def load_test_set(args, program: str):
     """(config, model, tokenizer, pairs) of `add_test_set_args`' arguments; a bad one ends the
     program with one line."""
     import sys
 
     from seq2seq import checkpoint
-    from seq2seq.data import read_parallel_files, read_tsv
 
     try:
-        if bool(args.tsv) == bool(args.src and args.ref):
-            raise UserError("give a test set as --tsv, or as --src and --ref")
-        pairs = read_tsv(args.tsv) if args.tsv else read_parallel_files(args.src, args.ref)
-        if not pairs:
-            raise UserError(f"{args.tsv or args.src}: no sentence pairs")
+        pairs = read_test_pairs(args.tsv, args.src, args.ref)
         return (*checkpoint.load(args.model or released_model("translator")), pairs)
     except UserError as e:
         sys.exit(f"{program}: {e}")

@@ -104,11 +104,14 @@ def prefix_steps(tokenizer: SubwordTokenizer, prefix: str) -> list[list[int]]:
 
 
 def _glue(tokenizer: SubwordTokenizer) -> frozenset:
-    """The pieces that continue a word: no word-start mark, a letter or digit first."""
-    return frozenset(i for i, p in enumerate(_pieces(tokenizer)) if p[:1].isalnum())
+    """The pieces that continue a word: no word-start mark, a letter or digit first (once a tokenizer)."""
+    if not hasattr(tokenizer, "_glue_pieces"):
+        tokenizer._glue_pieces = frozenset(i for i, p in enumerate(_pieces(tokenizer)) if p[:1].isalnum())
+    return tokenizer._glue_pieces
 
 
 def _pieces(tokenizer: SubwordTokenizer) -> list[str]:
+    """Every piece's string, read from SentencePiece once a tokenizer."""
     if not hasattr(tokenizer, "_piece_strings"):
         tokenizer._piece_strings = [tokenizer.sp.id_to_piece(i) for i in range(len(tokenizer))]
     return tokenizer._piece_strings
@@ -262,6 +265,17 @@ def _attention(decoder, tokenizer, start: dict, sources: list[list[int]], target
     return [Attention(weights[i, : len(target) + 1, : len(source) + 1],
                       [pieces(p) for p in source] + ["</s>"], [pieces(p) for p in target] + ["</s>"])
             for i, (source, target) in enumerate(zip(sources, targets))]
+
+
+def read_back(model: Translator, tokenizer: SubwordTokenizer, sources: list[str], targets: list[str],
+              precision: str | Precision = "auto") -> list[Attention]:
+    """The attention of given translations (a reference, say), each source with its target read
+    back teacher-forced, one batched pass; both sides must hold pieces."""
+    device = device_of(model)
+    ids, target_ids = tokenizer.encode([s.strip() for s in sources]), tokenizer.encode([t.strip() for t in targets])
+    with decoding(model, resolve_precision(precision, device, "translator")) as decoder:
+        src, src_len = pad(ids, PAD, eos=EOS)
+        return _attention(decoder, tokenizer, decoder.start(src.to(device), src_len), ids, target_ids, device)
 
 
 def attention_map(model: Translator, tokenizer: SubwordTokenizer, line: str, beam: int = 5,
